@@ -1,0 +1,9 @@
+//! Convergence: diffusion transformers (DiT, SD3/MMDiT, Flux) and SDXL in Rust, run, trained
+//! and inspected. Data flows one way: conditioning -> denoiser under a sampler -> latent -> image.
+
+pub mod error;
+pub mod models;
+pub mod nn;
+pub mod weights;
+
+pub use error::{Error, Result};

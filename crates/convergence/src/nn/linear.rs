@@ -1,0 +1,59 @@
+//! `nn.Linear` with an initialisation hint: loaded weights ignore it, fresh models use it.
+
+use candle_core::Result;
+use candle_nn::{Linear, VarBuilder};
+
+/// How a freshly built parameter is initialised (DiT's recipe: Xavier-uniform linears, zero
+/// adaLN-Zero layers, N(0, 0.02) embeddings). Loading a checkpoint ignores it.
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    /// PyTorch's `nn.Linear` default (Kaiming-uniform with a = sqrt(5)).
+    Default,
+    XavierUniform,
+    Zeros,
+    Normal(f64),
+}
+
+impl Init {
+    fn weight(self, fan_in: usize, fan_out: usize) -> candle_nn::Init {
+        match self {
+            Init::Default => {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                candle_nn::Init::Uniform { lo: -bound, up: bound }
+            }
+            Init::XavierUniform => {
+                let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                candle_nn::Init::Uniform { lo: -bound, up: bound }
+            }
+            Init::Zeros => candle_nn::Init::Const(0.0),
+            Init::Normal(stdev) => candle_nn::Init::Randn { mean: 0.0, stdev },
+        }
+    }
+
+    fn bias(self, fan_in: usize) -> candle_nn::Init {
+        match self {
+            Init::Default => {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                candle_nn::Init::Uniform { lo: -bound, up: bound }
+            }
+            _ => candle_nn::Init::Const(0.0),
+        }
+    }
+
+    /// A tensor (embedding table, position table) initialised with this rule.
+    pub fn tensor(self, vb: &VarBuilder, shape: &[usize], name: &str) -> Result<candle_core::Tensor> {
+        let fan_in = shape.iter().skip(1).product::<usize>().max(1);
+        vb.get_with_hints(shape, name, self.weight(fan_in, shape[0]))
+    }
+}
+
+/// `nn.Linear(in_dim, out_dim, bias)` at `vb` (`weight` is (out, in) as PyTorch stores it).
+pub fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool, init: Init) -> Result<Linear> {
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", init.weight(in_dim, out_dim))?;
+    let bias = if bias {
+        Some(vb.get_with_hints(out_dim, "bias", init.bias(in_dim))?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
