@@ -12,30 +12,13 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("{path}: not a valid {format} file: {reason}")]
-    Corrupt {
-        path: PathBuf,
-        format: &'static str,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, format: &'static str, reason: String },
     #[error("{path}: missing tensor `{tensor}` (expected shape {expected:?})")]
-    MissingTensor {
-        path: PathBuf,
-        tensor: String,
-        expected: Vec<usize>,
-    },
+    MissingTensor { path: PathBuf, tensor: String, expected: Vec<usize> },
     #[error("{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch {
-        path: PathBuf,
-        tensor: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: tensor `{tensor}` has dtype {found}, expected a float dtype (f32/f16/bf16/f64)")]
-    DType {
-        path: PathBuf,
-        tensor: String,
-        found: String,
-    },
+    DType { path: PathBuf, tensor: String, found: String },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
     #[error("{0}")]
@@ -52,17 +35,11 @@ impl Error {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub fn config(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
-        Error::Config {
-            path: path.into(),
-            message: message.to_string(),
-        }
+        Error::Config { path: path.into(), message: message.to_string() }
     }
 }
 

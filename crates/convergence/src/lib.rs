@@ -2,8 +2,14 @@
 //! and inspected. Data flows one way: conditioning -> denoiser under a sampler -> latent -> image.
 
 pub mod error;
+pub mod eval;
+pub mod flow;
+pub mod inspect;
+pub mod kernels;
 pub mod models;
 pub mod nn;
+pub mod train;
+pub mod viz;
 pub mod weights;
 
 pub use error::{Error, Result};

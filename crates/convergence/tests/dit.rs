@@ -43,7 +43,13 @@ fn zero_init_dit_outputs_exactly_zero() {
 #[test]
 fn fresh_adaln_zero_model_is_identity_blocks_and_zero_output() {
     // Our own initialisation (Init::XavierUniform = the paper's recipe) has the same property.
-    let cfg = DiTConfig { num_attention_heads: 2, attention_head_dim: 8, num_layers: 2, sample_size: 8, ..Default::default() };
+    let cfg = DiTConfig {
+        num_attention_heads: 2,
+        attention_head_dim: 8,
+        num_layers: 2,
+        sample_size: 8,
+        ..Default::default()
+    };
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let m = DiT::new(vb, &cfg, Numerics::Diffusers, Init::XavierUniform).unwrap();
@@ -57,9 +63,7 @@ fn fresh_adaln_zero_model_is_identity_blocks_and_zero_output() {
 
 #[test]
 fn non_square_latents_run() {
-    let m = match dit(&fixture("dit")) {
-        AnyModel::DiT(m) => m,
-    };
+    let AnyModel::DiT(m) = dit(&fixture("dit")) else { panic!("not a DiT") };
     let x = Tensor::randn(0f32, 1., (1, 4, 8, 12), &Device::Cpu).unwrap();
     let t = Tensor::new(&[5i64], &Device::Cpu).unwrap();
     let y = Tensor::new(&[1u32], &Device::Cpu).unwrap();
@@ -85,7 +89,8 @@ fn preset_parameter_counts_match_diffusers_and_official() {
         }
     }
     // the fixture model: official 15,968, diffusers 20,368
-    let cfg: DiTConfig = convergence::weights::read_json(&fixture("dit_official/diffusers/config.json")).unwrap();
+    let cfg: DiTConfig =
+        convergence::weights::read_json(&fixture("dit_official/diffusers/config.json")).unwrap();
     assert_eq!(cfg.param_list().unwrap().total(), 20_368);
     assert_eq!(official_param_count(&cfg).unwrap(), 15_968);
 }

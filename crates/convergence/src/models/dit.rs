@@ -8,11 +8,11 @@ use crate::models::{Conditioning, Denoiser, Prediction};
 use crate::nn::adaln::{chunks, gated_residual, modulate};
 use crate::nn::{
     layer_norm, linear, patchify, sincos_2d, timestep_embedding, unpatchify, Attention, FeedForward, Init,
-    LabelEmbedding, PatchOrder, Sinusoid, TimestepEmbedding,
+    LabelEmbedding, Linear, PatchOrder, Sinusoid, TimestepEmbedding,
 };
 use crate::weights::{ParamList, ShapeRecorder};
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// `DiTTransformer2DModel`'s config.json, field for field (defaults = DiT-XL/2 as diffusers has them).
@@ -83,10 +83,7 @@ impl DiTConfig {
     }
 
     pub fn preset_names() -> Vec<String> {
-        FAMILY
-            .iter()
-            .flat_map(|f| [2, 4, 8].map(|p| format!("dit-{}-{p}", f.0)))
-            .collect()
+        FAMILY.iter().flat_map(|f| [2, 4, 8].map(|p| format!("dit-{}-{p}", f.0))).collect()
     }
 
     /// The head count of an official checkpoint of this width (presets know it).
@@ -174,7 +171,12 @@ impl AdaLayerNormZero {
     fn new(vb: VarBuilder, d: usize, classes: usize, init: Init) -> candle_core::Result<Self> {
         let emb = vb.pp("emb");
         Ok(AdaLayerNormZero {
-            timestep_embedder: TimestepEmbedding::new(emb.pp("timestep_embedder"), 256, d, init_embedder(init))?,
+            timestep_embedder: TimestepEmbedding::new(
+                emb.pp("timestep_embedder"),
+                256,
+                d,
+                init_embedder(init),
+            )?,
             class_embedder: LabelEmbedding::new(emb.pp("class_embedder"), classes, d)?,
             linear: linear(&vb.pp("linear"), d, 6 * d, true, init_zero(init))?,
         })

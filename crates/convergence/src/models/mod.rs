@@ -2,6 +2,8 @@
 
 pub mod any;
 pub mod dit;
+pub mod flux;
+pub mod sd3;
 
 use candle_core::{Result, Tensor};
 
@@ -27,6 +29,38 @@ pub enum Prediction {
     Epsilon,
     /// DDPM with DiT's learned variance: the first half of the channels is eps.
     EpsilonLearnedSigma,
+}
+
+/// Sequence lengths of a joint-attention model at one resolution and prompt length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenCounts {
+    pub text: usize,
+    pub image: usize,
+}
+
+impl TokenCounts {
+    /// The joint sequence every attention layer sees.
+    pub fn total(&self) -> usize {
+        self.text + self.image
+    }
+}
+
+/// Forward FLOPs split as torch's FlopCounterMode reports them (a multiply-add is 2; norms,
+/// activations and softmax are not counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlopCount {
+    /// Linear layers (`aten.addmm`).
+    pub linear: u64,
+    /// QK^T and PV (`aten.bmm`).
+    pub attention: u64,
+    /// Patch-embedding convolutions (`aten.convolution`).
+    pub conv: u64,
+}
+
+impl FlopCount {
+    pub fn total(&self) -> u64 {
+        self.linear + self.attention + self.conv
+    }
 }
 
 /// A network that maps a noisy latent x_t at time t (in the model's own timestep convention)

@@ -1,12 +1,14 @@
 //! Adaptive LayerNorm modulation: the conditioning vector sets each block's shift, scale and gate.
 
-use candle_core::{Result, Tensor};
+use super::linear::{linear, Init, Linear};
+use super::norm::layer_norm;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
 
 /// `x * (1 + scale) + shift`, with `shift`/`scale` of shape [B, D] broadcast over the tokens of
 /// `x` [B, L, D].
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)
+    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
 }
 
 /// The adaLN-Zero residual `x + gate * branch`, `gate` [B, D]: a zero gate makes the block the
@@ -20,10 +22,53 @@ pub fn chunks(emb: &Tensor, n: usize) -> Result<Vec<Tensor>> {
     emb.chunk(n, 1)
 }
 
+/// adaLN-Zero's modulation: Linear(SiLU(c)) split into `n` [B, D] chunks, a shift, scale and
+/// gate per residual branch (DiT, SD3 and Flux blocks alike).
+pub fn adaln_zero(linear: &Linear, c: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    chunks(&linear.forward(&c.silu()?)?, n)
+}
+
+/// diffusers' `AdaLayerNormContinuous` (SD3/Flux `norm_out`, SD3's last text-stream norm):
+/// LayerNorm without affine, then `x * (1 + scale) + shift` with [scale, shift] = Linear(SiLU(c)).
+/// The original SAI and BFL checkpoints store [shift, scale]; `weights::keymap` swaps the halves.
+#[derive(Clone, Debug)]
+pub struct AdaLayerNormContinuous {
+    linear: Linear,
+}
+
+impl AdaLayerNormContinuous {
+    const EPS: f64 = 1e-6;
+
+    /// `vb` is the norm's own prefix (its linear sits at `linear`).
+    pub fn new(vb: &VarBuilder, dim: usize, cond_dim: usize, init: Init) -> Result<Self> {
+        Ok(AdaLayerNormContinuous { linear: linear(&vb.pp("linear"), cond_dim, 2 * dim, true, init)? })
+    }
+
+    pub fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let m = adaln_zero(&self.linear, c, 2)?;
+        modulate(&layer_norm(x, Self::EPS)?, &m[1], &m[0])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn continuous_norm_reads_scale_before_shift() -> Result<()> {
+        let dev = Device::Cpu;
+        let (vm, d) = (candle_nn::VarMap::new(), 2);
+        let vb = VarBuilder::from_varmap(&vm, candle_core::DType::F32, &dev);
+        let norm = AdaLayerNormContinuous::new(&vb, d, 1, Init::Zeros)?;
+        // bias [scale = 1, 1, shift = 3, 3], weight 0: x_hat * 2 + 3
+        vm.data().lock().unwrap()["linear.bias"].set(&Tensor::new(&[1f32, 1., 3., 3.], &dev)?)?;
+        let x = Tensor::new(&[[[1f32, -1.]]], &dev)?;
+        let y = norm.forward(&x, &Tensor::zeros((1, 1), candle_core::DType::F32, &dev)?)?;
+        let y = y.flatten_all()?.to_vec1::<f32>()?;
+        assert!((y[0] - 5.0).abs() < 1e-4 && (y[1] - 1.0).abs() < 1e-4, "{y:?}");
+        Ok(())
+    }
 
     #[test]
     fn zero_gate_is_identity_and_zero_modulation_is_noop() -> Result<()> {

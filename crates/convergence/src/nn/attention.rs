@@ -1,9 +1,12 @@
 //! Multi-head attention: softmax(Q K^T / sqrt(d)) V, written once for self, joint and cross
 //! attention. The probabilities are only materialised for a caller that asks for them.
 
-use super::linear::{linear, Init};
+use super::capture::{CaptureSite, TokenOrder};
+use super::linear::{linear, Init, Linear};
+use super::norm::rms_norm;
+use super::rope::Rope;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// [B, L, H*d] -> [B, H, L, d]
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
@@ -35,33 +38,132 @@ pub fn sdpa_with_probs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Te
     Ok((p.matmul(v)?, p))
 }
 
-/// diffusers' `Attention` as self-attention: `to_q`, `to_k`, `to_v`, `to_out.0`.
+/// Key names of one stream's projections inside a diffusers `Attention`.
+#[derive(Clone, Copy, Debug)]
+pub struct QkvNames {
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    pub norm_q: &'static str,
+    pub norm_k: &'static str,
+}
+
+/// The image (or only) stream: `to_q`, `to_k`, `to_v`, `norm_q`, `norm_k`.
+pub const SAMPLE_STREAM: QkvNames =
+    QkvNames { q: "to_q", k: "to_k", v: "to_v", norm_q: "norm_q", norm_k: "norm_k" };
+
+/// The text stream of a joint attention: `add_{q,k,v}_proj`, `norm_added_{q,k}`.
+pub const CONTEXT_STREAM: QkvNames = QkvNames {
+    q: "add_q_proj",
+    k: "add_k_proj",
+    v: "add_v_proj",
+    norm_q: "norm_added_q",
+    norm_k: "norm_added_k",
+};
+
+/// The eps of every q/k RMSNorm in SD3.5 and Flux.
+const QK_NORM_EPS: f64 = 1e-6;
+
+/// Queries, keys and values split into heads, [B, H, L, d] each.
 #[derive(Clone, Debug)]
-pub struct Attention {
+pub struct Qkv {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+/// The shape of a multi-head attention: model width, head count and size, biased q/k/v
+/// projections, and RMSNorm on q and k (SD3.5, Flux), which keeps logits from growing at scale.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub dim: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub bias: bool,
+    pub qk_norm: bool,
+}
+
+impl AttentionShape {
+    fn inner(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// One stream's q, k, v projections split into heads, q and k normalised when the shape says so.
+#[derive(Clone, Debug)]
+pub struct QkvProjection {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
-    to_out: Linear,
+    qk_norm: Option<(Tensor, Tensor)>,
     heads: usize,
 }
 
+impl QkvProjection {
+    pub fn new(vb: &VarBuilder, names: QkvNames, shape: &AttentionShape, init: Init) -> Result<Self> {
+        let (d, inner, bias) = (shape.dim, shape.inner(), shape.bias);
+        let qk_norm = if shape.qk_norm {
+            let weight = |name: &str| {
+                let one = candle_nn::Init::Const(1.0);
+                vb.pp(name).get_with_hints(shape.head_dim, "weight", one)
+            };
+            Some((weight(names.norm_q)?, weight(names.norm_k)?))
+        } else {
+            None
+        };
+        Ok(QkvProjection {
+            to_q: linear(&vb.pp(names.q), d, inner, bias, init)?,
+            to_k: linear(&vb.pp(names.k), d, inner, bias, init)?,
+            to_v: linear(&vb.pp(names.v), d, inner, bias, init)?,
+            qk_norm,
+            heads: shape.heads,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Qkv> {
+        let mut q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let mut k = split_heads(&self.to_k.forward(x)?, self.heads)?;
+        if let Some((wq, wk)) = &self.qk_norm {
+            q = rms_norm(&q, Some(wq), QK_NORM_EPS)?;
+            k = rms_norm(&k, Some(wk), QK_NORM_EPS)?;
+        }
+        let v = split_heads(&self.to_v.forward(x)?, self.heads)?;
+        Ok(Qkv { q, k, v })
+    }
+}
+
+/// diffusers' `Attention` as self-attention: `to_q`, `to_k`, `to_v` (+ `norm_q`, `norm_k`),
+/// `to_out.0`.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    qkv: QkvProjection,
+    to_out: Linear,
+}
+
 impl Attention {
-    pub fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, bias: bool, init: Init) -> Result<Self> {
-        let inner = heads * head_dim;
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+        init: Init,
+    ) -> Result<Self> {
+        let shape = AttentionShape { dim, heads, head_dim, bias, qk_norm: false };
+        Self::with_shape(vb, &shape, init)
+    }
+
+    /// Self-attention of any shape (SD3.5's second attention has q/k norm).
+    pub fn with_shape(vb: VarBuilder, shape: &AttentionShape, init: Init) -> Result<Self> {
         Ok(Attention {
-            to_q: linear(&vb.pp("to_q"), dim, inner, bias, init)?,
-            to_k: linear(&vb.pp("to_k"), dim, inner, bias, init)?,
-            to_v: linear(&vb.pp("to_v"), dim, inner, bias, init)?,
-            to_out: linear(&vb.pp("to_out.0"), inner, dim, true, init)?,
-            heads,
+            qkv: QkvProjection::new(&vb, SAMPLE_STREAM, shape, init)?,
+            to_out: linear(&vb.pp("to_out.0"), shape.inner(), shape.dim, true, init)?,
         })
     }
 
     /// Self-attention over x [B, L, D]; `probs` receives the attention probabilities when given.
     pub fn forward(&self, x: &Tensor, probs: Option<&mut Option<Tensor>>) -> Result<Tensor> {
-        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let k = split_heads(&self.to_k.forward(x)?, self.heads)?;
-        let v = split_heads(&self.to_v.forward(x)?, self.heads)?;
+        let Qkv { q, k, v } = self.qkv.forward(x)?;
         let out = match probs {
             None => sdpa(&q, &k, &v)?,
             Some(slot) => {
@@ -72,6 +174,108 @@ impl Attention {
         };
         self.to_out.forward(&merge_heads(&out)?)
     }
+}
+
+/// MMDiT joint attention: the streams' q, k, v are concatenated along the sequence in the order
+/// given, attended with one softmax over all keys (so every token reads every other, whatever
+/// its modality), and the output [B, L_i, H*d] is split back per stream. RoPE (Flux) rotates the
+/// concatenated q and k. A capture site that wants this layer receives the probabilities.
+pub fn joint_attention(
+    streams: &[Qkv],
+    rope: Option<&Rope>,
+    site: Option<CaptureSite>,
+) -> Result<Vec<Tensor>> {
+    let cat = |part: fn(&Qkv) -> &Tensor| Tensor::cat(&streams.iter().map(part).collect::<Vec<_>>(), 2);
+    let (mut q, mut k, v) = (cat(|s| &s.q)?, cat(|s| &s.k)?, cat(|s| &s.v)?);
+    if let Some(rope) = rope {
+        q = rope.apply(&q)?;
+        k = rope.apply(&k)?;
+    }
+    let out = match site.filter(|s| s.capture.wants(s.layer)) {
+        None => sdpa(&q, &k, &v)?,
+        Some(s) => {
+            let (out, p) = sdpa_with_probs(&q, &k, &v)?;
+            s.capture.record(s.layer, &p, s.layout)?;
+            out
+        }
+    };
+    let out = merge_heads(&out)?;
+    let mut start = 0;
+    streams
+        .iter()
+        .map(|s| {
+            let len = s.q.dim(2)?;
+            start += len;
+            out.narrow(1, start - len, len)
+        })
+        .collect()
+}
+
+/// diffusers' `Attention` with `added_kv_proj_dim` (SD3 `JointAttnProcessor2_0`, Flux
+/// `FluxAttnProcessor`): separate q, k, v (and output) projections per modality around one
+/// joint attention. The last SD3 block is `context_pre_only`: the text output is never used, so
+/// it has no `to_add_out`.
+#[derive(Clone, Debug)]
+pub struct JointAttention {
+    sample: QkvProjection,
+    context: QkvProjection,
+    to_out: Linear,
+    to_add_out: Option<Linear>,
+    order: TokenOrder,
+}
+
+impl JointAttention {
+    pub fn new(
+        vb: &VarBuilder,
+        shape: &AttentionShape,
+        context_pre_only: bool,
+        order: TokenOrder,
+        init: Init,
+    ) -> Result<Self> {
+        let (d, inner) = (shape.dim, shape.inner());
+        let to_add_out =
+            if context_pre_only { None } else { Some(linear(&vb.pp("to_add_out"), inner, d, true, init)?) };
+        Ok(JointAttention {
+            sample: QkvProjection::new(vb, SAMPLE_STREAM, shape, init)?,
+            context: QkvProjection::new(vb, CONTEXT_STREAM, shape, init)?,
+            to_out: linear(&vb.pp("to_out.0"), inner, d, true, init)?,
+            to_add_out,
+            order,
+        })
+    }
+
+    /// Image tokens x [B, N, D] and text tokens [B, T, D] -> (image out, text out unless
+    /// `context_pre_only`).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        rope: Option<&Rope>,
+        site: Option<CaptureSite>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (img, txt) = (self.sample.forward(x)?, self.context.forward(context)?);
+        let (x_out, ctx_out) = match self.order {
+            TokenOrder::ImageFirst => {
+                let [a, b] = two(joint_attention(&[img, txt], rope, site)?)?;
+                (a, b)
+            }
+            TokenOrder::TextFirst => {
+                let [a, b] = two(joint_attention(&[txt, img], rope, site)?)?;
+                (b, a)
+            }
+        };
+        let ctx_out = match &self.to_add_out {
+            Some(proj) => Some(proj.forward(&ctx_out)?),
+            None => None,
+        };
+        Ok((self.to_out.forward(&x_out)?, ctx_out))
+    }
+}
+
+fn two(v: Vec<Tensor>) -> Result<[Tensor; 2]> {
+    v.try_into().map_err(|v: Vec<Tensor>| {
+        candle_core::Error::Msg(format!("joint attention returned {} streams, expected 2", v.len()))
+    })
 }
 
 #[cfg(test)]
@@ -95,6 +299,34 @@ mod tests {
         let o = out.flatten_all()?.to_vec1::<f32>()?;
         assert!((o[0] - (p00 * 1.0 + (1.0 - p00) * 3.0)).abs() < 1e-5);
         assert_eq!(sdpa(&q, &k, &v)?.flatten_all()?.to_vec1::<f32>()?, o);
+        Ok(())
+    }
+
+    #[test]
+    fn joint_attention_is_one_softmax_over_all_streams() -> Result<()> {
+        use crate::nn::capture::{AttentionCapture, JointLayout};
+        let dev = Device::Cpu;
+        let stream = |l: usize| -> Result<Qkv> {
+            let t = || Tensor::randn(0f32, 1., (1, 2, l, 4), &dev);
+            Ok(Qkv { q: t()?, k: t()?, v: t()? })
+        };
+        let (text, image) = (stream(3)?, stream(5)?);
+        let capture = AttentionCapture::new(1);
+        let layout = JointLayout { order: TokenOrder::TextFirst, image: 5, text: 3 };
+        let site = CaptureSite { capture: &capture, layer: 0, layout };
+        let out = joint_attention(&[text.clone(), image.clone()], None, Some(site))?;
+        let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 2);
+        let (q, k, v) = (cat(&text.q, &image.q)?, cat(&text.k, &image.k)?, cat(&text.v, &image.v)?);
+        let (reference, p) = sdpa_with_probs(&q, &k, &v)?;
+        let reference = merge_heads(&reference)?;
+        assert_eq!(out[0].to_vec3::<f32>()?, reference.narrow(1, 0, 3)?.to_vec3::<f32>()?);
+        assert_eq!(out[1].to_vec3::<f32>()?, reference.narrow(1, 3, 5)?.to_vec3::<f32>()?);
+        let map = capture.take().remove(0);
+        let image_to_text = p.mean_keepdim(1)?.narrow(2, 3, 5)?.narrow(3, 0, 3)?;
+        assert_eq!(
+            map.image_to_text.flatten_all()?.to_vec1::<f32>()?,
+            image_to_text.flatten_all()?.to_vec1::<f32>()?
+        );
         Ok(())
     }
 

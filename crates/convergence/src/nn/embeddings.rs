@@ -1,8 +1,8 @@
 //! Timestep sinusoids, 2-D sin-cos position tables and the small embedding MLPs/tables.
 
-use super::linear::{linear, Init};
+use super::linear::{linear, Init, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// The sinusoid flags of diffusers' `get_timestep_embedding` (and official DiT with shift 0).
 #[derive(Clone, Copy, Debug)]
@@ -18,13 +18,7 @@ pub struct Sinusoid {
 
 impl Sinusoid {
     pub fn new(dim: usize, flip_sin_to_cos: bool, downscale_freq_shift: f32) -> Self {
-        Sinusoid {
-            dim,
-            flip_sin_to_cos,
-            downscale_freq_shift,
-            scale: 1.0,
-            max_period: 10000.0,
-        }
+        Sinusoid { dim, flip_sin_to_cos, downscale_freq_shift, scale: 1.0, max_period: 10000.0 }
     }
 }
 
@@ -34,9 +28,7 @@ pub fn timestep_embedding(t: &Tensor, s: &Sinusoid) -> Result<Tensor> {
     let half = s.dim / 2;
     let log_period = -(s.max_period as f64).ln() as f32;
     let denom = half as f32 - s.downscale_freq_shift;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| ((log_period * i as f32) / denom).exp())
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| ((log_period * i as f32) / denom).exp()).collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
     let t = t.to_dtype(DType::F32)?.reshape(((), 1))?;
     let mut args = t.broadcast_mul(&freqs)?;
@@ -44,11 +36,7 @@ pub fn timestep_embedding(t: &Tensor, s: &Sinusoid) -> Result<Tensor> {
         args = (args * s.scale as f64)?;
     }
     let (sin, cos) = (args.sin()?, args.cos()?);
-    let emb = if s.flip_sin_to_cos {
-        Tensor::cat(&[cos, sin], 1)?
-    } else {
-        Tensor::cat(&[sin, cos], 1)?
-    };
+    let emb = if s.flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
     if s.dim % 2 == 1 {
         emb.pad_with_zeros(1, 0, 1)
     } else {
@@ -69,20 +57,45 @@ pub fn sincos_2d(
 ) -> Result<Tensor> {
     // Positions are f32 in diffusers, frequencies and the products f64: keep both.
     let pos = |i: usize, g: usize| (i as f32 / (g as f32 / base_size) / interpolation_scale) as f64;
+    let rows: Vec<f64> = (0..gh).map(|r| pos(r, gh)).collect();
+    let cols: Vec<f64> = (0..gw).map(|c| pos(c, gw)).collect();
+    sincos_grid(dim, &rows, &cols, dev)
+}
+
+/// The `gh` x `gw` window at (`top`, `left`) of the square table
+/// `sincos_2d(dim, max, max, base_size, 1.0)`, computed without the rest of the table (SD3 crops
+/// its stored `pos_embed_max_size` table to the latent's patch grid).
+#[allow(clippy::too_many_arguments)]
+pub fn sincos_2d_window(
+    dim: usize,
+    max: usize,
+    base_size: f32,
+    top: usize,
+    left: usize,
+    gh: usize,
+    gw: usize,
+    dev: &Device,
+) -> Result<Tensor> {
+    let pos = |i: usize| (i as f32 / (max as f32 / base_size)) as f64;
+    let rows: Vec<f64> = (top..top + gh).map(pos).collect();
+    let cols: Vec<f64> = (left..left + gw).map(pos).collect();
+    sincos_grid(dim, &rows, &cols, dev)
+}
+
+/// [rows * cols, dim] sin-cos features of a grid given its row and column positions.
+fn sincos_grid(dim: usize, rows: &[f64], cols: &[f64], dev: &Device) -> Result<Tensor> {
     let quarter = dim / 4;
-    let omega: Vec<f64> = (0..quarter)
-        .map(|i| 1.0 / 10000f64.powf(i as f64 / (dim / 4) as f64))
-        .collect();
-    let mut table = Vec::with_capacity(gh * gw * dim);
-    for row in 0..gh {
-        for col in 0..gw {
-            for p in [pos(col, gw), pos(row, gh)] {
+    let omega: Vec<f64> = (0..quarter).map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64)).collect();
+    let mut table = Vec::with_capacity(rows.len() * cols.len() * dim);
+    for &row in rows {
+        for &col in cols {
+            for p in [col, row] {
                 table.extend(omega.iter().map(|w| (p * w).sin() as f32));
                 table.extend(omega.iter().map(|w| (p * w).cos() as f32));
             }
         }
     }
-    Tensor::from_vec(table, (gh * gw, dim), dev)
+    Tensor::from_vec(table, (rows.len() * cols.len(), dim), dev)
 }
 
 /// diffusers' `TimestepEmbedding`: linear_1 -> SiLU -> linear_2 (official DiT: `t_embedder.mlp`).
@@ -107,6 +120,60 @@ impl Module for TimestepEmbedding {
     }
 }
 
+/// diffusers' `PixArtAlphaTextProjection(act_fn="silu")`, the pooled-text MLP of SD3 and Flux
+/// (BFL's `vector_in`): the same linear_1 -> SiLU -> linear_2 under the same key names.
+pub type TextProjection = TimestepEmbedding;
+
+/// diffusers' `CombinedTimestep[Guidance]TextProjEmbeddings` (SD3, Flux): the conditioning
+/// vector MLP(sinusoid(t)) [+ MLP(sinusoid(guidance))] + MLP(pooled text) that drives every
+/// adaLN modulation.
+#[derive(Clone, Debug)]
+pub struct TimeTextEmbedding {
+    timestep_embedder: TimestepEmbedding,
+    guidance_embedder: Option<TimestepEmbedding>,
+    text_embedder: TextProjection,
+}
+
+impl TimeTextEmbedding {
+    /// The 256 sinusoid channels ([cos, sin], shift 0) both SD3 and Flux use.
+    const SINUSOID: Sinusoid = Sinusoid {
+        dim: 256,
+        flip_sin_to_cos: true,
+        downscale_freq_shift: 0.0,
+        scale: 1.0,
+        max_period: 10000.0,
+    };
+
+    pub fn new(vb: VarBuilder, dim: usize, pooled_dim: usize, guidance: bool, init: Init) -> Result<Self> {
+        let guidance_embedder = if guidance {
+            Some(TimestepEmbedding::new(vb.pp("guidance_embedder"), 256, dim, init)?)
+        } else {
+            None
+        };
+        Ok(TimeTextEmbedding {
+            timestep_embedder: TimestepEmbedding::new(vb.pp("timestep_embedder"), 256, dim, init)?,
+            guidance_embedder,
+            text_embedder: TextProjection::new(vb.pp("text_embedder"), pooled_dim, dim, init)?,
+        })
+    }
+
+    /// t [B] and pooled text [B, P] -> [B, D]. `guidance` [B] is required by a model with a
+    /// guidance embedder (Flux-dev) and has nothing to act on without one.
+    pub fn forward(&self, t: &Tensor, guidance: Option<&Tensor>, pooled: &Tensor) -> Result<Tensor> {
+        let embed = |mlp: &TimestepEmbedding, x: &Tensor| {
+            mlp.forward(&timestep_embedding(x, &Self::SINUSOID)?.to_dtype(pooled.dtype())?)
+        };
+        let mut emb = embed(&self.timestep_embedder, t)?;
+        if let Some(mlp) = &self.guidance_embedder {
+            let g = guidance.ok_or_else(|| {
+                candle_core::Error::Msg("this model embeds a guidance scale: pass one".into())
+            })?;
+            emb = (emb + embed(mlp, g)?)?;
+        }
+        emb + self.text_embedder.forward(pooled)?
+    }
+}
+
 /// Class-label table with one extra row for the classifier-free-guidance null class.
 #[derive(Clone, Debug)]
 pub struct LabelEmbedding {
@@ -115,13 +182,13 @@ pub struct LabelEmbedding {
 
 impl LabelEmbedding {
     pub fn new(vb: VarBuilder, num_classes: usize, dim: usize) -> Result<Self> {
-        let embedding_table = Init::Normal(0.02).tensor(&vb, &[num_classes + 1, dim], "embedding_table.weight")?;
+        let embedding_table =
+            Init::Normal(0.02).tensor(&vb, &[num_classes + 1, dim], "embedding_table.weight")?;
         Ok(LabelEmbedding { embedding_table })
     }
 
     pub fn forward(&self, labels: &Tensor) -> Result<Tensor> {
-        self.embedding_table
-            .embedding(&labels.to_dtype(DType::U32)?)
+        self.embedding_table.embedding(&labels.to_dtype(DType::U32)?)
     }
 }
 
@@ -148,6 +215,15 @@ mod tests {
         let e0 = timestep_embedding(&t, &Sinusoid::new(8, false, 0.0))?.to_vec2::<f32>()?;
         let f3 = (-(10000f32.ln()) * 3.0 / 4.0).exp();
         assert!((e0[0][3] - (1000.0 * f3).sin()).abs() < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn sincos_window_is_the_crop_of_the_full_table() -> Result<()> {
+        let full = sincos_2d(8, 6, 6, 2.0, 1.0, &Device::Cpu)?.reshape((6, 6, 8))?;
+        let crop = full.narrow(0, 1, 3)?.narrow(1, 2, 2)?.reshape((6, 8))?;
+        let window = sincos_2d_window(8, 6, 2.0, 1, 2, 3, 2, &Device::Cpu)?;
+        assert_eq!(window.to_vec2::<f32>()?, crop.to_vec2::<f32>()?);
         Ok(())
     }
 

@@ -1,7 +1,50 @@
 //! `nn.Linear` with an initialisation hint: loaded weights ignore it, fresh models use it.
 
-use candle_core::Result;
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// y = x W^T + b over the last axis of x (any rank).
+///
+/// Leading axes are flattened into one matrix product instead of a batched one: candle's
+/// batched matmul broadcasts W per batch element, and its backward then materialises one weight
+/// gradient per element before summing them (hundreds of MB for a training batch).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (in_dim, out_dim) = (self.weight.dim(1)?, self.weight.dim(0)?);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = out_dim;
+        }
+        y.reshape(out)
+    }
+}
 
 /// How a freshly built parameter is initialised (DiT's recipe: Xavier-uniform linears, zero
 /// adaLN-Zero layers, N(0, 0.02) embeddings). Loading a checkpoint ignores it.
@@ -30,7 +73,7 @@ impl Init {
         }
     }
 
-    fn bias(self, fan_in: usize) -> candle_nn::Init {
+    pub(crate) fn bias(self, fan_in: usize) -> candle_nn::Init {
         match self {
             Init::Default => {
                 let bound = 1.0 / (fan_in as f64).sqrt();
@@ -50,10 +93,6 @@ impl Init {
 /// `nn.Linear(in_dim, out_dim, bias)` at `vb` (`weight` is (out, in) as PyTorch stores it).
 pub fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool, init: Init) -> Result<Linear> {
     let weight = vb.get_with_hints((out_dim, in_dim), "weight", init.weight(in_dim, out_dim))?;
-    let bias = if bias {
-        Some(vb.get_with_hints(out_dim, "bias", init.bias(in_dim))?)
-    } else {
-        None
-    };
+    let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", init.bias(in_dim))?) } else { None };
     Ok(Linear::new(weight, bias))
 }

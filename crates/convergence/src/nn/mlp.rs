@@ -1,9 +1,9 @@
 //! The transformer MLP: Linear -> GELU(tanh) -> Linear (diffusers `FeedForward`, keys
 //! `net.0.proj` and `net.2`).
 
-use super::linear::{linear, Init};
+use super::linear::{linear, Init, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 #[derive(Clone, Debug)]
 pub struct FeedForward {
@@ -23,7 +23,6 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation (`gelu-approximate` in diffusers).
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        self.proj_out.forward(&crate::kernels::gelu_tanh(&self.proj_in.forward(x)?)?)
     }
 }

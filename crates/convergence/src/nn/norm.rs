@@ -2,17 +2,10 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// LayerNorm over the last axis without affine parameters (DiT's `norm1`, `norm_out`), computed
-/// in f32 whatever the input dtype.
+/// LayerNorm over the last axis without affine parameters (DiT's `norm1`, `norm_out`); a fused
+/// kernel with its own backward on the CPU, computed in f32.
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    centred
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .to_dtype(dtype)
+    crate::kernels::layer_norm(x, eps)
 }
 
 /// LayerNorm with optional elementwise affine (`weight`, `bias`).

@@ -1,6 +1,8 @@
 //! Patchify and un-patchify: an image [B, C, H, W] <-> a sequence of p x p patches [B, N, C*p*p].
 
-use candle_core::{Result, Tensor};
+use super::linear::{Init, Linear};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
 
 /// Channel order inside one patch vector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +30,9 @@ pub fn patchify(x: &Tensor, p: usize, order: PatchOrder) -> Result<Tensor> {
 pub fn unpatchify(x: &Tensor, gh: usize, gw: usize, p: usize, order: PatchOrder) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
     if n != gh * gw || d % (p * p) != 0 {
-        candle_core::bail!("unpatchify: {n} tokens of dim {d} do not tile a {gh}x{gw} grid of {p}x{p} patches");
+        candle_core::bail!(
+            "unpatchify: {n} tokens of dim {d} do not tile a {gh}x{gw} grid of {p}x{p} patches"
+        );
     }
     let c = d / (p * p);
     let x = match order {
@@ -38,10 +42,49 @@ pub fn unpatchify(x: &Tensor, gh: usize, gw: usize, p: usize, order: PatchOrder)
     x.contiguous()?.reshape((b, c, gh * p, gw * p))
 }
 
+/// `nn.Conv2d(C, D, kernel = stride = p)` patch embedding (diffusers' `PatchEmbed.proj`), run as
+/// the linear layer it is on non-overlapping patches: same numbers, one matmul.
+#[derive(Clone, Debug)]
+pub struct PatchEmbed {
+    proj: Linear,
+    patch: usize,
+}
+
+impl PatchEmbed {
+    /// `vb` is the conv's own prefix (`weight` [D, C, p, p], `bias` [D]).
+    pub fn new(vb: &VarBuilder, in_channels: usize, dim: usize, patch: usize, init: Init) -> Result<Self> {
+        let fan_in = in_channels * patch * patch;
+        let weight = init.tensor(vb, &[dim, in_channels, patch, patch], "weight")?;
+        let bias = vb.get_with_hints(dim, "bias", init.bias(fan_in))?;
+        Ok(PatchEmbed { proj: Linear::new(weight.reshape((dim, fan_in))?, Some(bias)), patch })
+    }
+
+    /// [B, C, H, W] -> [B, (H/p)*(W/p), D], tokens row-major over the patch grid.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj.forward(&patchify(x, self.patch, PatchOrder::ChannelFirst)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn patch_embed_equals_the_strided_convolution() -> Result<()> {
+        let dev = Device::Cpu;
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, candle_core::DType::F32, &dev);
+        let embed = PatchEmbed::new(&vb, 3, 5, 2, Init::Default)?;
+        let (w, b) = (vb.get((5, 3, 2, 2), "weight")?, vb.get(5, "bias")?);
+        let x = Tensor::randn(0f32, 1., (2, 3, 4, 6), &dev)?;
+        let conv = x.conv2d(&w, 0, 2, 1, 1)?.broadcast_add(&b.reshape((1, 5, 1, 1))?)?;
+        let conv = conv.flatten_from(2)?.transpose(1, 2)?; // [B, gh*gw, D], row-major grid
+        let ours = embed.forward(&x)?;
+        let diff = (ours - conv)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max diff {diff}");
+        Ok(())
+    }
 
     #[test]
     fn round_trip_both_orders_non_square() -> Result<()> {

@@ -39,11 +39,7 @@ fn is_float(dtype: DType) -> bool {
 impl WeightStore {
     /// Memory-maps safetensors files (one model split over shards is several files).
     pub fn open_safetensors(paths: &[PathBuf]) -> Result<Self> {
-        let mut store = WeightStore {
-            files: vec![],
-            mapped: vec![],
-            entries: HashMap::new(),
-        };
+        let mut store = WeightStore { files: vec![], mapped: vec![], entries: HashMap::new() };
         for path in paths {
             if !path.exists() {
                 return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
@@ -70,13 +66,11 @@ impl WeightStore {
         if !path.exists() {
             return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
         }
-        let corrupt = |reason: String| Error::Corrupt {
-            path: path.to_path_buf(),
-            format: "PyTorch pickle",
-            reason,
-        };
+        let corrupt =
+            |reason: String| Error::Corrupt { path: path.to_path_buf(), format: "PyTorch pickle", reason };
         // Official checkpoints are plain state dicts; trainers often wrap them in "model"/"ema".
-        let mut tensors = candle_core::pickle::read_all(path).map_err(|e| corrupt(Error::from(e).to_string()))?;
+        let mut tensors =
+            candle_core::pickle::read_all(path).map_err(|e| corrupt(Error::from(e).to_string()))?;
         if tensors.is_empty() {
             for key in ["ema", "model", "state_dict"] {
                 if let Ok(t) = candle_core::pickle::read_all_with_key(path, Some(key)) {
@@ -98,7 +92,10 @@ impl WeightStore {
         match path.extension().and_then(|e| e.to_str()) {
             Some("safetensors") => Self::open_safetensors(&[path.to_path_buf()]),
             Some("pt" | "pth" | "bin" | "ckpt") => Self::open_pickle(path),
-            _ => Err(Error::config(path, "unknown checkpoint extension (expected .safetensors, .pt, .pth, .bin or .ckpt)")),
+            _ => Err(Error::config(
+                path,
+                "unknown checkpoint extension (expected .safetensors, .pt, .pth, .bin or .ckpt)",
+            )),
         }
     }
 
@@ -184,11 +181,7 @@ impl WeightStore {
         }
         let t = self.load(name, dev)?;
         if !is_float(t.dtype()) {
-            return Err(Error::DType {
-                path,
-                tensor: name.to_string(),
-                found: format!("{:?}", t.dtype()),
-            });
+            return Err(Error::DType { path, tensor: name.to_string(), found: format!("{:?}", t.dtype()) });
         }
         Ok(t.to_dtype(dtype)?)
     }
@@ -200,12 +193,19 @@ impl WeightStore {
 }
 
 impl SimpleBackend for WeightStore {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         Ok(self.get_checked(s.dims(), name, dtype, dev)?)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        Ok(self.load(name, dev)?.to_dtype(dtype)?)
+        self.load(name, dev)?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -262,6 +262,7 @@ pub fn read_safetensors(path: &Path, dev: &Device) -> Result<HashMap<String, Ten
 /// Writes tensors to a safetensors file atomically (temp file + rename).
 pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| Error::msg(format!("{}: {}", tmp.display(), Error::from(e))))?;
+    candle_core::safetensors::save(tensors, &tmp)
+        .map_err(|e| Error::msg(format!("{}: {}", tmp.display(), Error::from(e))))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -26,9 +26,11 @@ impl ParamList {
     }
 }
 
+type NamedShape = (String, Vec<usize>);
+
 #[derive(Clone, Default)]
 pub struct ShapeRecorder {
-    seen: Arc<Mutex<Vec<(String, Vec<usize>)>>>,
+    seen: Arc<Mutex<Vec<NamedShape>>>,
 }
 
 impl ShapeRecorder {
@@ -50,7 +52,14 @@ impl ShapeRecorder {
 }
 
 impl SimpleBackend for ShapeRecorder {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.seen.lock().expect("recorder lock").push((name.to_string(), s.dims().to_vec()));
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }

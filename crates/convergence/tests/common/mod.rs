@@ -10,7 +10,8 @@ pub fn fixture(case: &str) -> PathBuf {
 }
 
 pub fn io(case: &str) -> HashMap<String, Tensor> {
-    convergence::weights::read_safetensors(&fixture(case).join("io.safetensors"), &Device::Cpu).expect("fixture io")
+    convergence::weights::read_safetensors(&fixture(case).join("io.safetensors"), &Device::Cpu)
+        .expect("fixture io")
 }
 
 /// Asserts |a - b| <= atol + rtol |b| elementwise, reporting the worst element.
