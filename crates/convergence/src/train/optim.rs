@@ -1,0 +1,214 @@
+//! AdamW with linear warm-up, global-norm gradient clipping and an EMA of the weights. The state
+//! is plain named tensors so a checkpoint can hold it and resume bit for bit.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: (f64, f64),
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm to this value (0 = off).
+    #[serde(default)]
+    pub grad_clip: f64,
+}
+
+fn default_betas() -> (f64, f64) {
+    (0.9, 0.999)
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+/// One parameter with its moments.
+pub struct Slot {
+    pub name: String,
+    pub var: Var,
+    pub m: Tensor,
+    pub v: Tensor,
+}
+
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    pub slots: Vec<Slot>,
+    /// Updates applied so far (bias correction uses step + 1).
+    pub step: usize,
+}
+
+impl AdamW {
+    pub fn new(cfg: AdamWConfig, vars: Vec<(String, Var)>) -> Result<Self> {
+        let slots = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let z = var.zeros_like()?;
+                Ok(Slot { name, m: z.clone(), v: z, var })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW { cfg, slots, step: 0 })
+    }
+
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if self.cfg.warmup_steps == 0 {
+            self.cfg.lr
+        } else {
+            self.cfg.lr * ((step + 1) as f64 / self.cfg.warmup_steps as f64).min(1.0)
+        }
+    }
+
+    /// Global L2 norm of all gradients.
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut sq = 0f64;
+        for s in &self.slots {
+            if let Some(g) = grads.get(s.var.as_tensor()) {
+                sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            }
+        }
+        Ok(sq.sqrt())
+    }
+
+    /// Applies one update; returns the (pre-clip) gradient norm.
+    pub fn step(&mut self, grads: &GradStore) -> Result<f64> {
+        let norm = self.grad_norm(grads)?;
+        let clip = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
+            self.cfg.grad_clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        let lr = self.lr_at(self.step);
+        let (b1, b2) = self.cfg.betas;
+        let t = (self.step + 1) as i32;
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        for s in &mut self.slots {
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                continue;
+            };
+            let g = if clip != 1.0 { (g * clip)? } else { g.clone() };
+            s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
+            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let update = ((&s.m / c1)? / ((&s.v / c2)?.sqrt()? + self.cfg.eps)?)?;
+            let decayed = (s.var.as_tensor() * (1.0 - lr * self.cfg.weight_decay))?;
+            s.var.set(&(decayed - (update * lr)?)?)?;
+        }
+        self.step += 1;
+        Ok(norm)
+    }
+
+    /// Moments as named tensors (`adam_m.<name>`, `adam_v.<name>`).
+    pub fn state(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for s in &self.slots {
+            out.insert(format!("adam_m.{}", s.name), s.m.clone());
+            out.insert(format!("adam_v.{}", s.name), s.v.clone());
+        }
+        out
+    }
+
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: usize) -> Result<()> {
+        for s in &mut self.slots {
+            let get = |k: String| {
+                state
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint: missing `{k}`")))
+            };
+            s.m = get(format!("adam_m.{}", s.name))?;
+            s.v = get(format!("adam_v.{}", s.name))?;
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Exponential moving average of the weights (what we ship: smoother than the raw weights).
+pub struct Ema {
+    pub decay: f64,
+    pub shadow: Vec<(String, Tensor)>,
+}
+
+impl Ema {
+    pub fn new(decay: f64, vars: &[(String, Var)]) -> Result<Self> {
+        let shadow =
+            vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<Vec<_>>>()?;
+        Ok(Ema { decay, shadow })
+    }
+
+    pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+        for ((_, e), (_, v)) in self.shadow.iter_mut().zip(vars) {
+            *e = ((&*e * self.decay)? + (v.as_tensor().detach() * (1.0 - self.decay))?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn adamw_first_step_moves_by_lr_and_minimises_quadratic() -> Result<()> {
+        let var = Var::new(&[3f32, -2.0], &Device::Cpu)?;
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            grad_clip: 0.0,
+        };
+        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone())])?;
+        let loss = var.as_tensor().sqr()?.sum_all()?;
+        opt.step(&loss.backward()?)?;
+        // Adam's first step is lr * sign(g).
+        let w = var.as_tensor().to_vec1::<f32>()?;
+        assert!((w[0] - 2.9).abs() < 1e-5 && (w[1] + 1.9).abs() < 1e-5, "{w:?}");
+        for _ in 0..300 {
+            let loss = var.as_tensor().sqr()?.sum_all()?;
+            opt.step(&loss.backward()?)?;
+        }
+        let w = var.as_tensor().to_vec1::<f32>()?;
+        assert!(w.iter().all(|x| x.abs() < 0.05), "{w:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn clipping_bounds_the_update_and_warmup_scales_lr() -> Result<()> {
+        let var = Var::new(&[1f32], &Device::Cpu)?;
+        let cfg = AdamWConfig {
+            lr: 1.0,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 4,
+            grad_clip: 1.0,
+        };
+        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone())])?;
+        assert_eq!(opt.lr_at(0), 0.25);
+        assert_eq!(opt.lr_at(10), 1.0);
+        let loss = (var.as_tensor() * 100.0)?.sum_all()?;
+        let norm = opt.step(&loss.backward()?)?;
+        assert!((norm - 100.0).abs() < 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn ema_tracks_weights() -> Result<()> {
+        let var = Var::new(&[0f32], &Device::Cpu)?;
+        let vars = vec![("w".to_string(), var.clone())];
+        let mut ema = Ema::new(0.5, &vars)?;
+        var.set(&Tensor::new(&[4f32], &Device::Cpu)?)?;
+        ema.update(&vars)?;
+        assert_eq!(ema.shadow[0].1.to_vec1::<f32>()?, vec![2.0]);
+        Ok(())
+    }
+}

@@ -1,0 +1,300 @@
+//! The training loop: any of our denoisers under an objective, AdamW with warm-up and clipping,
+//! EMA, atomic checkpoints and exact resume. Randomness is derived from (seed, step), so a
+//! resumed run draws exactly the batches, noise and timesteps the uninterrupted run would have.
+
+use super::data::Dataset;
+use super::objective::Objective;
+use super::optim::{AdamW, AdamWConfig, Ema};
+use crate::error::{Error, Result};
+use crate::models::dit::{DiT, DiTConfig, Numerics};
+use crate::models::{Conditioning, Denoiser, Prediction};
+use crate::nn::Init;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// `[train]` in train.toml.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    #[serde(default = "default_ema")]
+    pub ema_decay: f64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_every")]
+    pub checkpoint_every: usize,
+    /// Probability of replacing a label by the null class (trains the unconditional branch for CFG).
+    #[serde(default)]
+    pub class_dropout: f64,
+}
+
+fn default_ema() -> f64 {
+    0.999
+}
+fn default_every() -> usize {
+    500
+}
+
+/// A model being trained: its variables and how to run it.
+pub struct Trainee {
+    pub model: Box<dyn Denoiser>,
+    pub varmap: VarMap,
+    /// The null class id (class-conditional models).
+    pub null_class: Option<u32>,
+    /// config.json of the saved model.
+    pub config_json: serde_json::Value,
+}
+
+/// A fresh class-conditional DiT with the paper's initialisation.
+pub fn new_dit(cfg: &DiTConfig, objective: &Objective, dev: &Device) -> Result<Trainee> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let prediction = match objective {
+        Objective::RectifiedFlow { .. } => Prediction::Velocity,
+        Objective::DdpmEpsilon { .. } if cfg.out_channels() == 2 * cfg.in_channels => {
+            Prediction::EpsilonLearnedSigma
+        }
+        Objective::DdpmEpsilon { .. } => Prediction::Epsilon,
+    };
+    let model = DiT::new(vb, cfg, Numerics::Diffusers, Init::XavierUniform)?.with_prediction(prediction);
+    Ok(Trainee {
+        model: Box::new(model),
+        varmap,
+        null_class: Some(cfg.null_class() as u32),
+        config_json: cfg.to_diffusers_json(),
+    })
+}
+
+/// One line of metrics.jsonl.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub elapsed_s: f64,
+}
+
+pub struct Trainer {
+    pub trainee: Trainee,
+    pub objective: Objective,
+    pub optim: AdamW,
+    pub ema: Ema,
+    pub cfg: LoopConfig,
+    pub out_dir: PathBuf,
+    vars: Vec<(String, Var)>,
+}
+
+fn sorted_vars(vm: &VarMap) -> Vec<(String, Var)> {
+    let mut v: Vec<(String, Var)> =
+        vm.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+impl Trainer {
+    pub fn new(
+        trainee: Trainee,
+        objective: Objective,
+        optim: AdamWConfig,
+        cfg: LoopConfig,
+        out_dir: &Path,
+    ) -> Result<Self> {
+        let vars = sorted_vars(&trainee.varmap);
+        Ok(Trainer {
+            optim: AdamW::new(optim, vars.clone())?,
+            ema: Ema::new(cfg.ema_decay, &vars)?,
+            trainee,
+            objective,
+            cfg,
+            out_dir: out_dir.to_path_buf(),
+            vars,
+        })
+    }
+
+    pub fn step(&self) -> usize {
+        self.optim.step
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.out_dir.join("checkpoint.safetensors")
+    }
+
+    fn step_rng(&self, step: usize) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed);
+        rng.set_stream(step as u64 + 1);
+        rng
+    }
+
+    /// One optimisation step on `data`; returns its metrics.
+    pub fn train_step(&mut self, data: &Dataset, epoch_cache: &mut EpochCache) -> Result<StepLog> {
+        let step = self.optim.step;
+        let dev = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+        let idx = epoch_cache.indices(self, data.len(), step);
+        let (x0, labels) = data.batch(&idx, &dev)?;
+        let mut rng = self.step_rng(step);
+        let labels = self.drop_labels(&labels, &mut rng)?;
+        let cond = Conditioning { class_labels: Some(labels), ..Default::default() };
+        let loss = self.objective.loss(self.trainee.model.as_ref(), &x0, &cond, &mut rng)?;
+        let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss_v.is_finite() {
+            return Err(Error::msg(format!(
+                "loss is {loss_v} at step {step}: training stopped; the last good checkpoint is kept at {}",
+                self.checkpoint_path().display()
+            )));
+        }
+        let lr = self.optim.lr_at(step);
+        let grad_norm = self.optim.step(&loss.backward()?)?;
+        self.ema.update(&self.vars)?;
+        Ok(StepLog { step: step + 1, loss: loss_v, grad_norm, lr, elapsed_s: 0.0 })
+    }
+
+    fn drop_labels(&self, labels: &Tensor, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        use rand::Rng;
+        let (Some(null), true) = (self.trainee.null_class, self.cfg.class_dropout > 0.0) else {
+            return Ok(labels.clone());
+        };
+        let v: Vec<u32> = labels
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|l| if rng.gen::<f64>() < self.cfg.class_dropout { null } else { l })
+            .collect();
+        Ok(Tensor::from_vec(v, labels.dims(), labels.device())?)
+    }
+
+    /// Writes model, EMA, optimiser moments, step and seed to one file, atomically.
+    pub fn save_checkpoint(&self) -> Result<()> {
+        let mut t: HashMap<String, Tensor> = self.optim.state();
+        for (n, v) in &self.vars {
+            t.insert(format!("model.{n}"), v.as_tensor().clone());
+        }
+        for (n, e) in &self.ema.shadow {
+            t.insert(format!("ema.{n}"), e.clone());
+        }
+        let dev = Device::Cpu;
+        t.insert("meta.step".into(), Tensor::new(&[self.optim.step as i64], &dev)?);
+        t.insert("meta.seed".into(), Tensor::new(&[self.cfg.seed as i64], &dev)?);
+        std::fs::create_dir_all(&self.out_dir).map_err(|e| Error::io(&self.out_dir, e))?;
+        crate::weights::write_safetensors(&t, &self.checkpoint_path())
+    }
+
+    /// Restores a checkpoint written by [`Trainer::save_checkpoint`] for the same model.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let dev = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+        let t = crate::weights::read_safetensors(path, &dev)?;
+        let get = |k: &str| {
+            t.get(k).cloned().ok_or_else(|| Error::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: k.to_string(),
+                expected: vec![],
+            })
+        };
+        let seed = get("meta.seed")?.to_vec1::<i64>()?[0] as u64;
+        if seed != self.cfg.seed {
+            return Err(Error::config(
+                path,
+                format!("checkpoint has seed {seed}, config says {}", self.cfg.seed),
+            ));
+        }
+        for (n, v) in &self.vars {
+            let saved = get(&format!("model.{n}"))?;
+            if saved.dims() != v.dims() {
+                return Err(Error::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    tensor: format!("model.{n}"),
+                    expected: v.dims().to_vec(),
+                    found: saved.dims().to_vec(),
+                });
+            }
+            v.set(&saved)?;
+        }
+        for (n, e) in &mut self.ema.shadow {
+            *e = get(&format!("ema.{n}"))?;
+        }
+        let step = get("meta.step")?.to_vec1::<i64>()?[0] as usize;
+        self.optim.load_state(&t, step)?;
+        Ok(())
+    }
+
+    /// The EMA weights by name (what a saved model holds).
+    pub fn ema_weights(&self) -> HashMap<String, Tensor> {
+        self.ema.shadow.iter().cloned().collect()
+    }
+
+    /// Saves the EMA model as a diffusers model directory: config.json + weights.
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let cfg = serde_json::to_string_pretty(&self.trainee.config_json).map_err(Error::msg)?;
+        std::fs::write(dir.join("config.json"), cfg + "\n")
+            .map_err(|e| Error::io(dir.join("config.json"), e))?;
+        crate::weights::write_safetensors(
+            &self.ema_weights(),
+            &dir.join("diffusion_pytorch_model.safetensors"),
+        )
+    }
+
+    /// Drops metrics.jsonl lines after the current step (written by a run that was killed
+    /// after its last checkpoint), so a resumed run's log has each step once.
+    pub fn truncate_log(&self) -> Result<()> {
+        let path = self.out_dir.join("metrics.jsonl");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let kept: String = text
+            .lines()
+            .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|e| e.step <= self.optim.step))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, kept).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Appends one metrics line to metrics.jsonl.
+    pub fn log(&self, entry: &StepLog) -> Result<()> {
+        let path = self.out_dir.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        writeln!(f, "{}", serde_json::to_string(entry).map_err(Error::msg)?).map_err(|e| Error::io(&path, e))
+    }
+}
+
+/// Caches the current epoch's permutation so a step costs one shuffle per epoch, not per sample.
+#[derive(Default)]
+pub struct EpochCache {
+    epoch: Option<u64>,
+    perm: Vec<usize>,
+}
+
+impl EpochCache {
+    fn indices(&mut self, t: &Trainer, n: usize, step: usize) -> Vec<usize> {
+        let b = t.cfg.batch_size;
+        (step * b..(step + 1) * b)
+            .map(|k| {
+                let epoch = (k / n) as u64;
+                if self.epoch != Some(epoch) {
+                    self.perm = t.epoch_permutation(n, epoch);
+                    self.epoch = Some(epoch);
+                }
+                self.perm[k % n]
+            })
+            .collect()
+    }
+}
+
+impl Trainer {
+    /// Epochs are fixed permutations of the data drawn from (seed, epoch).
+    fn epoch_permutation(&self, n: usize, epoch: u64) -> Vec<usize> {
+        let mut perm: Vec<usize> = (0..n).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(epoch));
+        perm.shuffle(&mut rng);
+        perm
+    }
+}
