@@ -1,0 +1,69 @@
+//! `convergence`: a thin command line over the library. Each subcommand parses its flags, calls
+//! the library and prints; errors are one line and a non-zero exit.
+
+mod forward;
+mod inspect;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+/// Every tensor op allocates its output. By default glibc maps and unmaps each buffer over
+/// 128 KiB, paying page faults and page zeroing on every op; keeping buffers up to 32 MiB in the
+/// heap and not trimming it makes a training step ~1.6x faster (measured on the Fashion DiT).
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    name = "convergence",
+    version,
+    about = "Diffusion transformers (DiT, SD3/MMDiT, Flux) and SDXL in Rust: run, train, inspect",
+    long_about = "Diffusion transformers (DiT, SD3/MMDiT, Flux) and SDXL in Rust: run, train, inspect.\n\n\
+Models are diffusers-layout directories (config.json + safetensors) or the original single-file\n\
+checkpoints; everything runs on the CPU by default."
+)]
+struct Cli {
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Forward(forward::Args),
+    Inspect(inspect::Args),
+    Train(train::Args),
+}
+
+fn main() {
+    tune_malloc();
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // Read by gemm's rayon pool (matmuls) and our kernels.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    // candle's element-wise ops run on a second, spinning thread pool beside rayon's; on a few
+    // cores the two pools fight over them (measured: training step 1.8x slower on 2 cores), and
+    // those ops are memory-bound anyway. Our fused kernels use rayon.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let result = match cli.command {
+        Command::Forward(a) => forward::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Train(a) => train::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,30 @@
+//! `convergence train`: train a denoiser from a train.toml.
+
+use anyhow::Result;
+use candle_core::Device;
+use std::path::PathBuf;
+
+/// Train a denoiser (rectified flow or DDPM) as a train.toml describes.
+///
+/// Writes <out_dir>/checkpoint.safetensors every `checkpoint_every` steps (atomically),
+/// <out_dir>/metrics.jsonl every step, and the EMA model as a diffusers directory in
+/// <out_dir>/model at the end. The TOML format is documented in docs/TRAINING.md.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The training description (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Continue from <out_dir>/checkpoint.safetensors exactly where it stopped.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many total steps (the run can be resumed later).
+    #[arg(long)]
+    until: Option<usize>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (mut trainer, data) = convergence::train::run::build(&a.config, a.resume, &Device::Cpu)?;
+    convergence::train::run::run(&mut trainer, &data, a.until, false)?;
+    println!("step {} of {}; outputs in {}", trainer.step(), trainer.cfg.steps, trainer.out_dir.display());
+    Ok(())
+}
