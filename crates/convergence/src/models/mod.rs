@@ -4,6 +4,9 @@ pub mod any;
 pub mod dit;
 pub mod flux;
 pub mod sd3;
+pub mod text;
+pub mod unet;
+pub mod vae;
 
 use candle_core::{Result, Tensor};
 
@@ -49,17 +52,41 @@ impl TokenCounts {
 /// activations and softmax are not counted).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlopCount {
-    /// Linear layers (`aten.addmm`).
+    /// Linear layers (`aten.addmm`, and `aten.mm` for those without bias or on strided input).
     pub linear: u64,
     /// QK^T and PV (`aten.bmm`).
     pub attention: u64,
-    /// Patch-embedding convolutions (`aten.convolution`).
+    /// Convolutions (`aten.convolution`): patch embeddings, the VAE and the UNet.
     pub conv: u64,
 }
 
 impl FlopCount {
     pub fn total(&self) -> u64 {
         self.linear + self.attention + self.conv
+    }
+}
+
+impl std::ops::Add for FlopCount {
+    type Output = FlopCount;
+
+    fn add(self, o: FlopCount) -> FlopCount {
+        FlopCount {
+            linear: self.linear + o.linear,
+            attention: self.attention + o.attention,
+            conv: self.conv + o.conv,
+        }
+    }
+}
+
+impl std::ops::AddAssign for FlopCount {
+    fn add_assign(&mut self, o: FlopCount) {
+        *self = *self + o;
+    }
+}
+
+impl std::iter::Sum for FlopCount {
+    fn sum<I: Iterator<Item = FlopCount>>(iter: I) -> FlopCount {
+        iter.fold(FlopCount::default(), |a, b| a + b)
     }
 }
 

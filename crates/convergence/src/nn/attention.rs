@@ -23,7 +23,20 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// The attention probabilities softmax(Q K^T / sqrt(d)) [B, H, Lq, Lk], in f32.
 pub fn attention_probs(q: &Tensor, k: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    biased_attention_probs(q, k, scale, None)
+}
+
+/// softmax(Q K^T * scale + bias): `bias` broadcasts to [B, H, Lq, Lk] and carries what the
+/// logits add besides the dot products (CLIP's causal mask, T5's relative position bias); T5
+/// leaves the logits unscaled (scale 1).
+pub fn biased_attention_probs(q: &Tensor, k: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut scores = q.matmul(&k.t()?)?;
+    if scale != 1.0 {
+        scores = (scores * scale)?;
+    }
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(bias)?;
+    }
     candle_nn::ops::softmax_last_dim(&scores)
 }
 
@@ -101,6 +114,17 @@ pub struct QkvProjection {
 
 impl QkvProjection {
     pub fn new(vb: &VarBuilder, names: QkvNames, shape: &AttentionShape, init: Init) -> Result<Self> {
+        Self::with_context_dim(vb, names, shape, shape.dim, init)
+    }
+
+    /// Keys and values projected from `context_dim`-wide tokens (cross-attention to text).
+    pub fn with_context_dim(
+        vb: &VarBuilder,
+        names: QkvNames,
+        shape: &AttentionShape,
+        context_dim: usize,
+        init: Init,
+    ) -> Result<Self> {
         let (d, inner, bias) = (shape.dim, shape.inner(), shape.bias);
         let qk_norm = if shape.qk_norm {
             let weight = |name: &str| {
@@ -113,27 +137,32 @@ impl QkvProjection {
         };
         Ok(QkvProjection {
             to_q: linear(&vb.pp(names.q), d, inner, bias, init)?,
-            to_k: linear(&vb.pp(names.k), d, inner, bias, init)?,
-            to_v: linear(&vb.pp(names.v), d, inner, bias, init)?,
+            to_k: linear(&vb.pp(names.k), context_dim, inner, bias, init)?,
+            to_v: linear(&vb.pp(names.v), context_dim, inner, bias, init)?,
             qk_norm,
             heads: shape.heads,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Qkv> {
+        self.forward_context(x, x)
+    }
+
+    /// Queries from x, keys and values from `context`.
+    pub fn forward_context(&self, x: &Tensor, context: &Tensor) -> Result<Qkv> {
         let mut q = split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let mut k = split_heads(&self.to_k.forward(x)?, self.heads)?;
+        let mut k = split_heads(&self.to_k.forward(context)?, self.heads)?;
         if let Some((wq, wk)) = &self.qk_norm {
             q = rms_norm(&q, Some(wq), QK_NORM_EPS)?;
             k = rms_norm(&k, Some(wk), QK_NORM_EPS)?;
         }
-        let v = split_heads(&self.to_v.forward(x)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
         Ok(Qkv { q, k, v })
     }
 }
 
-/// diffusers' `Attention` as self-attention: `to_q`, `to_k`, `to_v` (+ `norm_q`, `norm_k`),
-/// `to_out.0`.
+/// diffusers' `Attention` as self- or cross-attention: `to_q`, `to_k`, `to_v` (+ `norm_q`,
+/// `norm_k`), `to_out.0`.
 #[derive(Clone, Debug)]
 pub struct Attention {
     qkv: QkvProjection,
@@ -161,9 +190,27 @@ impl Attention {
         })
     }
 
+    /// Cross-attention whose keys and values read `context_dim`-wide tokens (the UNet's `attn2`).
+    pub fn cross(vb: VarBuilder, shape: &AttentionShape, context_dim: usize, init: Init) -> Result<Self> {
+        Ok(Attention {
+            qkv: QkvProjection::with_context_dim(&vb, SAMPLE_STREAM, shape, context_dim, init)?,
+            to_out: linear(&vb.pp("to_out.0"), shape.inner(), shape.dim, true, init)?,
+        })
+    }
+
     /// Self-attention over x [B, L, D]; `probs` receives the attention probabilities when given.
     pub fn forward(&self, x: &Tensor, probs: Option<&mut Option<Tensor>>) -> Result<Tensor> {
-        let Qkv { q, k, v } = self.qkv.forward(x)?;
+        self.forward_context(x, x, probs)
+    }
+
+    /// Queries from x [B, L, D], keys and values from `context` [B, T, context_dim].
+    pub fn forward_context(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        probs: Option<&mut Option<Tensor>>,
+    ) -> Result<Tensor> {
+        let Qkv { q, k, v } = self.qkv.forward_context(x, context)?;
         let out = match probs {
             None => sdpa(&q, &k, &v)?,
             Some(slot) => {
@@ -173,6 +220,50 @@ impl Attention {
             }
         };
         self.to_out.forward(&merge_heads(&out)?)
+    }
+
+    /// Forward FLOPs (batch 1) with `queries` query and `keys` key tokens: (projections, QK^T
+    /// and PV), as FlopCounterMode counts them.
+    pub fn flops(&self, queries: usize, keys: usize) -> (u64, u64) {
+        let p = &self.qkv;
+        let linear = p.to_q.flops(queries) + p.to_k.flops(keys) + p.to_v.flops(keys);
+        let inner = p.to_q.weight().dims()[0];
+        (linear + self.to_out.flops(queries), 4 * (queries * keys * inner) as u64)
+    }
+}
+
+/// Self-attention as transformers' text encoders write it: q, k, v and output projections under
+/// the model's own names (CLIP `q_proj` ... `out_proj` with biases, T5 `q` ... `o` without), the
+/// model's logit scale and an additive logit bias given per call.
+#[derive(Clone, Debug)]
+pub struct BiasedSelfAttention {
+    qkv: QkvProjection,
+    out: Linear,
+    scale: f64,
+}
+
+impl BiasedSelfAttention {
+    /// `shape.qk_norm` must be off: these models have no q/k norm, so `names.norm_*` are unused.
+    pub fn new(
+        vb: &VarBuilder,
+        names: QkvNames,
+        out: &str,
+        shape: &AttentionShape,
+        scale: f64,
+        init: Init,
+    ) -> Result<Self> {
+        Ok(BiasedSelfAttention {
+            qkv: QkvProjection::new(vb, names, shape, init)?,
+            out: linear(&vb.pp(out), shape.inner(), shape.dim, shape.bias, init)?,
+            scale,
+        })
+    }
+
+    /// x [B, L, D] with a logit bias broadcasting to [B, H, L, L].
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let Qkv { q, k, v } = self.qkv.forward(x)?;
+        let out = biased_attention_probs(&q, &k, self.scale, bias)?.matmul(&v)?;
+        self.out.forward(&merge_heads(&out)?)
     }
 }
 
@@ -281,7 +372,7 @@ fn two(v: Vec<Tensor>) -> Result<[Tensor; 2]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn sdpa_matches_hand_computation_and_rows_sum_to_one() -> Result<()> {
@@ -327,6 +418,25 @@ mod tests {
             map.image_to_text.flatten_all()?.to_vec1::<f32>()?,
             image_to_text.flatten_all()?.to_vec1::<f32>()?
         );
+        Ok(())
+    }
+
+    #[test]
+    fn biased_probs_add_the_bias_to_scaled_logits() -> Result<()> {
+        let dev = Device::Cpu;
+        let (q, k) =
+            (Tensor::randn(0f32, 1., (1, 2, 3, 4), &dev)?, Tensor::randn(0f32, 1., (1, 2, 3, 4), &dev)?);
+        let unbiased = biased_attention_probs(&q, &k, 0.5, None)?;
+        let zero = Tensor::zeros((3, 3), DType::F32, &dev)?;
+        let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+        assert_eq!(flat(&biased_attention_probs(&q, &k, 0.5, Some(&zero))?)?, flat(&unbiased)?);
+        // attention_probs scales by 1/sqrt(4).
+        assert_eq!(flat(&unbiased)?, flat(&attention_probs(&q, &k)?)?);
+        // A causal mask leaves row i only keys <= i: row 0 attends to key 0 alone.
+        let inf = f32::NEG_INFINITY;
+        let causal = Tensor::new(&[[0f32, inf, inf], [0., 0., inf], [0., 0., 0.]], &dev)?;
+        let p = flat(&biased_attention_probs(&q, &k, 1.0, Some(&causal))?)?;
+        assert_eq!((p[0], p[1], p[2], p[5]), (1.0, 0.0, 0.0, 0.0));
         Ok(())
     }
 

@@ -112,6 +112,11 @@ impl TimestepEmbedding {
             linear_2: linear(&vb.pp("linear_2"), dim, dim, true, init)?,
         })
     }
+
+    /// Forward FLOPs over `rows` embeddings (both linears).
+    pub fn flops(&self, rows: usize) -> u64 {
+        self.linear_1.flops(rows) + self.linear_2.flops(rows)
+    }
 }
 
 impl Module for TimestepEmbedding {

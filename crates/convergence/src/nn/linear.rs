@@ -26,6 +26,13 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+
+    /// Forward FLOPs over `rows` rows as torch's FlopCounterMode counts them (a multiply-add is 2,
+    /// the bias is free).
+    pub fn flops(&self, rows: usize) -> u64 {
+        let d = self.weight.dims();
+        2 * (rows * d[0] * d[1]) as u64
+    }
 }
 
 impl Module for Linear {

@@ -1,6 +1,7 @@
 //! Normalisations, composed from differentiable ops (candle-nn's fused LayerNorm has no backward).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
 
 /// LayerNorm over the last axis without affine parameters (DiT's `norm1`, `norm_out`); a fused
 /// kernel with its own backward on the CPU, computed in f32.
@@ -23,6 +24,31 @@ pub fn layer_norm_affine(
         y = y.broadcast_add(b)?;
     }
     Ok(y)
+}
+
+/// `nn.LayerNorm(dim, eps)` with its `weight` and `bias` (CLIP's layer norms, the UNet's
+/// transformer blocks); fresh parameters start at 1 and 0 as in PyTorch.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm_affine(x, Some(&self.weight), Some(&self.bias), self.eps)
+    }
 }
 
 /// RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight (SD3.5 / Flux q-k norm, T5).

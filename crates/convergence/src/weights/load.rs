@@ -7,6 +7,11 @@ use crate::models::any::AnyModel;
 use crate::models::dit::{DiT, DiTConfig, Numerics};
 use crate::models::flux::{FluxConfig, FluxTransformer2DModel};
 use crate::models::sd3::{SD3Config, SD3Transformer2DModel};
+use crate::models::text::clip::{CLIP_TEXT_MODEL, CLIP_TEXT_MODEL_WITH_PROJECTION};
+use crate::models::text::t5::T5_ENCODER_MODEL;
+use crate::models::text::{ClipTextConfig, ClipTextModel, T5Config, T5EncoderModel};
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::nn::Init;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
@@ -74,6 +79,30 @@ fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<AnyModel> {
             cfg.validate().map_err(|m| Error::config(&config, m))?;
             let vb = store.var_builder(opts.dtype, &opts.device);
             Ok(AnyModel::Flux(FluxTransformer2DModel::new(vb, &cfg, Init::Default)?))
+        }
+        CLIP_TEXT_MODEL | CLIP_TEXT_MODEL_WITH_PROJECTION => {
+            let cfg: ClipTextConfig = read_json(&config)?;
+            cfg.validate().map_err(|m| Error::config(&config, m))?;
+            let vb = store.var_builder(opts.dtype, &opts.device);
+            Ok(AnyModel::ClipText(ClipTextModel::new(vb, &cfg, Init::Default)?))
+        }
+        T5_ENCODER_MODEL => {
+            let cfg: T5Config = read_json(&config)?;
+            cfg.validate().map_err(|m| Error::config(&config, m))?;
+            let vb = store.var_builder(opts.dtype, &opts.device);
+            Ok(AnyModel::T5Encoder(T5EncoderModel::new(vb, &cfg, Init::Default)?))
+        }
+        "AutoencoderKL" => {
+            let cfg: VaeConfig = read_json(&config)?;
+            cfg.validate().map_err(|m| Error::config(&config, m))?;
+            let vb = store.var_builder(opts.dtype, &opts.device);
+            Ok(AnyModel::Vae(AutoencoderKL::new(vb, &cfg, Init::Default)?))
+        }
+        "UNet2DConditionModel" => {
+            let cfg: UNetConfig = read_json(&config)?;
+            cfg.validate().map_err(|m| Error::config(&config, m))?;
+            let vb = store.var_builder(opts.dtype, &opts.device);
+            Ok(AnyModel::UNet(UNet2DConditionModel::new(vb, &cfg, Init::Default)?))
         }
         other => Err(Error::config(&config, format!("unsupported model class `{other}`"))),
     }
