@@ -1,8 +1,12 @@
 //! `convergence`: a thin command line over the library. Each subcommand parses its flags, calls
 //! the library and prints; errors are one line and a non-zero exit.
 
+mod eval;
 mod forward;
+mod generate;
 mod inspect;
+mod schedule;
+mod study;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -39,8 +43,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Generate(generate::Args),
+    Eval(eval::Args),
+    #[command(subcommand)]
+    Study(study::Study),
     Forward(forward::Args),
     Inspect(inspect::Args),
+    Schedule(schedule::Args),
     Train(train::Args),
 }
 
@@ -58,8 +67,12 @@ fn main() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Study(s) => study::run(s),
         Command::Forward(a) => forward::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Schedule(a) => schedule::run(a),
         Command::Train(a) => train::run(a),
     };
     if let Err(e) = result {

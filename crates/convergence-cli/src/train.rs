@@ -20,9 +20,28 @@ pub struct Args {
     /// Stop after this many total steps (the run can be resumed later).
     #[arg(long)]
     until: Option<usize>,
+    /// Write the checkpoint's EMA model as a pipeline directory to DIR and exit (no training;
+    /// snapshots a run that is still going).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["resume", "until"])]
+    export: Option<PathBuf>,
+    /// With --export: the raw last-iterate weights instead of the EMA.
+    #[arg(long, requires = "export")]
+    raw: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(dir) = a.export {
+        let (trainer, data) = convergence::train::run::build(&a.config, true, &Device::Cpu)?;
+        trainer.save_model(&dir, data.classes(), a.raw)?;
+        trainer.plot_loss()?;
+        println!(
+            "exported the {} weights of step {} to {}",
+            if a.raw { "raw" } else { "EMA" },
+            trainer.step(),
+            dir.display()
+        );
+        return Ok(());
+    }
     let (mut trainer, data) = convergence::train::run::build(&a.config, a.resume, &Device::Cpu)?;
     convergence::train::run::run(&mut trainer, &data, a.until, false)?;
     println!("step {} of {}; outputs in {}", trainer.step(), trainer.cfg.steps, trainer.out_dir.display());

@@ -7,8 +7,9 @@ use super::config::PredictionType;
 use super::schedule::{divide, scale, Process, Schedule};
 use crate::error::{Error, Result};
 use crate::models::{Conditioning, Denoiser, Prediction};
+use crate::noise::randn;
 use candle_core::{DType, Tensor};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 /// The integrator.
@@ -129,7 +130,7 @@ impl<D: Denoiser + ?Sized> Run<'_, D> {
             SamplerKind::Euler => s.euler_step(i, &out, &x)?,
             SamplerKind::Heun => self.heun(i, &out, &x)?,
             SamplerKind::Ddim => s.ddim_step(i, &out, &x)?,
-            SamplerKind::Ddpm => s.ddpm_step(i, &out, &x, &randn(&mut self.rng, &x)?)?,
+            SamplerKind::Ddpm => s.ddpm_step(i, &out, &x, &randn(&mut self.rng, x.dims(), x.device())?)?,
         };
         Ok(next.to_dtype(self.dtype)?)
     }
@@ -233,18 +234,4 @@ fn batch_for_guidance(uncond: &Conditioning, cond: &Conditioning) -> Result<Cond
         pooled: pair("pooled", &uncond.pooled, &cond.pooled)?,
         guidance: pair("guidance", &uncond.guidance, &cond.guidance)?,
     })
-}
-
-/// Standard normal noise shaped like `like`, from our own seeded stream (Box-Muller), so a seed
-/// reproduces a run on every device.
-fn randn(rng: &mut ChaCha8Rng, like: &Tensor) -> Result<Tensor> {
-    let n = like.elem_count();
-    let mut v = Vec::with_capacity(n + 1);
-    while v.len() < n {
-        let radius = (-2.0 * (1.0 - rng.gen::<f64>()).ln()).sqrt();
-        let (sin, cos) = (std::f64::consts::TAU * rng.gen::<f64>()).sin_cos();
-        v.extend([(radius * cos) as f32, (radius * sin) as f32]);
-    }
-    v.truncate(n);
-    Ok(Tensor::from_vec(v, like.shape(), like.device())?)
 }

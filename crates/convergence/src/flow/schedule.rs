@@ -36,7 +36,7 @@ impl SchedulerConfig {
     }
 
     /// Parses the config of diffusers class `class` from the file's text.
-    fn parse(class: &str, text: &str) -> std::result::Result<Self, String> {
+    pub fn parse(class: &str, text: &str) -> std::result::Result<Self, String> {
         fn fields<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
             serde_json::from_str(text).map_err(|e| e.to_string())
         }

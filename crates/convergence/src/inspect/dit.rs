@@ -71,7 +71,7 @@ pub fn summary(name: &str, cfg: &DiTConfig, resolution: (usize, usize)) -> Resul
     Ok(Summary {
         model: name.to_string(),
         class_name: "DiTTransformer2DModel".into(),
-        resolution,
+        resolution: Some(resolution),
         pipeline,
         tokens: vec![("image".into(), n)],
         attention: (n, cfg.num_attention_heads),

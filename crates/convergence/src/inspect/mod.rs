@@ -2,7 +2,13 @@
 //! exact parameter counts (from the real construction code, no weights) and forward FLOPs.
 
 pub mod dit;
+pub mod mmdit;
+pub mod text;
+pub mod unet;
+pub mod vae;
 
+use crate::models::text::clip::{CLIP_TEXT_MODEL, CLIP_TEXT_MODEL_WITH_PROJECTION};
+use crate::models::text::t5::T5_ENCODER_MODEL;
 use crate::weights::ParamList;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -12,8 +18,8 @@ use std::collections::BTreeMap;
 pub struct Summary {
     pub model: String,
     pub class_name: String,
-    /// Input size in pixels (W, H).
-    pub resolution: (usize, usize),
+    /// Input size in pixels (W, H); none for the text encoders, whose input is `tokens`.
+    pub resolution: Option<(usize, usize)>,
     /// Stage-by-stage shape trace.
     pub pipeline: Vec<String>,
     /// Token counts by kind (image, text, ...).
@@ -30,16 +36,17 @@ pub struct Summary {
     pub flops: u64,
 }
 
-/// Groups parameter names by component: the first path segment, with block indices folded
-/// (`transformer_blocks.*.attn1`), so a 28-block model reads as a handful of lines.
+/// Groups parameter names by component: the first path segment, or for a block list the path
+/// to it with the index folded and the next segment (`transformer_blocks.*.attn1`,
+/// `text_model.encoder.layers.*.mlp`), so a 28-block model reads as a handful of lines.
 pub fn components(params: &ParamList) -> Vec<(String, u64)> {
     let mut groups: BTreeMap<String, u64> = BTreeMap::new();
     for (name, shape) in &params.0 {
         let parts: Vec<&str> = name.split('.').collect();
-        let key = match parts.as_slice() {
-            [blocks, i, sub, ..] if i.parse::<usize>().is_ok() => format!("{blocks}.*.{sub}"),
-            [first, ..] => first.to_string(),
-            [] => String::new(),
+        let index = parts.iter().position(|p| p.parse::<usize>().is_ok());
+        let key = match index {
+            Some(i) if i > 0 && i + 1 < parts.len() => format!("{}.*.{}", parts[..i].join("."), parts[i + 1]),
+            _ => parts[0].to_string(),
         };
         *groups.entry(key).or_default() += shape.iter().product::<usize>() as u64;
     }
@@ -61,19 +68,23 @@ pub fn thousands(n: u64) -> String {
 
 impl Summary {
     pub fn text(&self) -> String {
-        let mut s = format!(
-            "{} ({}) at {}x{}\n\npipeline\n",
-            self.model, self.class_name, self.resolution.0, self.resolution.1
-        );
+        let input = match self.resolution {
+            Some((w, h)) => format!("at {w}x{h}"),
+            None => format!("over {} tokens", self.tokens.iter().map(|t| t.1).sum::<usize>()),
+        };
+        let mut s = format!("{} ({}) {input}\n\npipeline\n", self.model, self.class_name);
         for line in &self.pipeline {
             s += &format!("  {line}\n");
         }
         let tokens: Vec<String> =
             self.tokens.iter().map(|(k, n)| format!("{} {k}", thousands(*n as u64))).collect();
         let total: usize = self.tokens.iter().map(|t| t.1).sum();
-        s += &format!("\ntokens: {}", tokens.join(" + "));
-        if self.tokens.len() > 1 {
-            s += &format!(" = {}", thousands(total as u64));
+        // Kinds add up only when they form one attention sequence (joint attention); a UNet's
+        // levels and its cross-attended text are separate sequences.
+        if self.tokens.len() > 1 && total == self.attention.0 {
+            s += &format!("\ntokens: {} = {}", tokens.join(" + "), thousands(total as u64));
+        } else {
+            s += &format!("\ntokens: {}", tokens.join(", "));
         }
         s += &format!(
             "\nattention per head: [{},{}] x {} heads per layer\n",
@@ -111,7 +122,7 @@ impl Summary {
         let mut v = json!({
             "model": self.model,
             "class_name": self.class_name,
-            "resolution": [self.resolution.0, self.resolution.1],
+            "resolution": self.resolution.map(|(w, h)| [w, h]),
             "pipeline": self.pipeline,
             "tokens": self.tokens.iter().map(|(k, n)| (k.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
             "attention_matrix_per_head": [self.attention.0, self.attention.0],
@@ -132,16 +143,54 @@ impl Summary {
 /// `resolution` (W, H) in pixels defaults to the model's native size.
 pub fn summarize(model: &str, resolution: Option<(usize, usize)>) -> crate::Result<Summary> {
     use crate::models::dit::DiTConfig;
+    use crate::models::text::{ClipTextConfig, T5Config};
+    use crate::models::unet::UNetConfig;
+    use crate::models::vae::VaeConfig;
     if let Some(cfg) = DiTConfig::preset(model) {
         let r = resolution.unwrap_or_else(|| dit::native_resolution(&cfg));
         return dit::summary(model, &cfg, r);
     }
+    let no_resolution = || match resolution {
+        Some(_) => {
+            Err(crate::Error::msg(format!("`{model}` is a text encoder: it takes tokens, not a resolution")))
+        }
+        None => Ok(()),
+    };
+    if let Some(cfg) = crate::models::sd3::SD3Config::preset(model) {
+        return mmdit::sd3_summary(model, &cfg, resolution.unwrap_or(mmdit::NATIVE));
+    }
+    if let Some(cfg) = crate::models::flux::FluxConfig::preset(model) {
+        return mmdit::flux_summary(model, &cfg, resolution.unwrap_or(mmdit::NATIVE));
+    }
+    if let Some(cfg) = ClipTextConfig::preset(model) {
+        no_resolution()?;
+        return text::clip_summary(model, &cfg);
+    }
+    if let Some(cfg) = T5Config::preset(model) {
+        no_resolution()?;
+        return text::t5_summary(model, &cfg, text::T5_TOKENS[1]);
+    }
+    if let Some(cfg) = UNetConfig::preset(model) {
+        return unet::summary(model, &cfg, resolution.unwrap_or_else(|| unet::native_resolution(&cfg)));
+    }
+    if let Some(cfg) = VaeConfig::preset(model) {
+        return vae::summary(model, &cfg, resolution.unwrap_or_else(|| vae::native_resolution(&cfg)));
+    }
     let path = std::path::Path::new(model);
     let config = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
     if !config.exists() {
+        let presets = [
+            DiTConfig::preset_names(),
+            crate::models::sd3::SD3Config::preset_names(),
+            crate::models::flux::FluxConfig::preset_names(),
+            ClipTextConfig::preset_names(),
+            T5Config::preset_names(),
+            UNetConfig::preset_names(),
+            VaeConfig::preset_names(),
+        ];
         return Err(crate::Error::msg(format!(
             "`{model}` is neither a preset ({}) nor an existing config.json or model directory",
-            DiTConfig::preset_names().join(", ")
+            presets.concat().join(", ")
         )));
     }
     let class = crate::weights::load::class_name(&config)?;
@@ -151,6 +200,38 @@ pub fn summarize(model: &str, resolution: Option<(usize, usize)>) -> crate::Resu
             cfg.validate().map_err(|m| crate::Error::config(&config, m))?;
             let r = resolution.unwrap_or_else(|| dit::native_resolution(&cfg));
             dit::summary(&config.display().to_string(), &cfg, r)
+        }
+        "SD3Transformer2DModel" => {
+            let cfg: crate::models::sd3::SD3Config = crate::weights::read_json(&config)?;
+            mmdit::sd3_summary(&config.display().to_string(), &cfg, resolution.unwrap_or(mmdit::NATIVE))
+        }
+        "FluxTransformer2DModel" => {
+            let cfg: crate::models::flux::FluxConfig = crate::weights::read_json(&config)?;
+            mmdit::flux_summary(&config.display().to_string(), &cfg, resolution.unwrap_or(mmdit::NATIVE))
+        }
+        CLIP_TEXT_MODEL | CLIP_TEXT_MODEL_WITH_PROJECTION => {
+            no_resolution()?;
+            let cfg: ClipTextConfig = crate::weights::read_json(&config)?;
+            cfg.validate().map_err(|m| crate::Error::config(&config, m))?;
+            text::clip_summary(&config.display().to_string(), &cfg)
+        }
+        T5_ENCODER_MODEL => {
+            no_resolution()?;
+            let cfg: T5Config = crate::weights::read_json(&config)?;
+            cfg.validate().map_err(|m| crate::Error::config(&config, m))?;
+            text::t5_summary(&config.display().to_string(), &cfg, text::T5_TOKENS[1])
+        }
+        "UNet2DConditionModel" => {
+            let cfg: UNetConfig = crate::weights::read_json(&config)?;
+            cfg.validate().map_err(|m| crate::Error::config(&config, m))?;
+            let r = resolution.unwrap_or_else(|| unet::native_resolution(&cfg));
+            unet::summary(&config.display().to_string(), &cfg, r)
+        }
+        "AutoencoderKL" => {
+            let cfg: VaeConfig = crate::weights::read_json(&config)?;
+            cfg.validate().map_err(|m| crate::Error::config(&config, m))?;
+            let r = resolution.unwrap_or_else(|| vae::native_resolution(&cfg));
+            vae::summary(&config.display().to_string(), &cfg, r)
         }
         other => Err(crate::Error::config(&config, format!("unsupported model class `{other}`"))),
     }

@@ -2,7 +2,8 @@
 //! paper's timestep samplers, and DDPM epsilon prediction for comparison.
 
 use crate::models::{Conditioning, Denoiser};
-use candle_core::{Device, Result, Tensor};
+use crate::noise::{normal, randn};
+use candle_core::{Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -21,20 +22,6 @@ pub enum TimestepSampling {
     Mode {
         scale: f64,
     },
-}
-
-/// A standard normal draw (Box-Muller on our seeded stream, so runs are reproducible).
-pub fn normal(rng: &mut ChaCha8Rng) -> f64 {
-    let u1: f64 = rng.gen::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.gen();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-}
-
-/// A tensor of standard normal noise from our seeded stream.
-pub fn randn(rng: &mut ChaCha8Rng, shape: &[usize], dev: &Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| normal(rng) as f32).collect();
-    Tensor::from_vec(v, shape, dev)
 }
 
 impl TimestepSampling {
@@ -159,6 +146,7 @@ impl Objective {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use rand::SeedableRng;
 
     #[test]

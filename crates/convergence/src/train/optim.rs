@@ -142,9 +142,25 @@ impl Ema {
         Ok(Ema { decay, shadow })
     }
 
-    pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+    /// Sets the average to the current weights.
+    pub fn reset(&mut self, vars: &[(String, Var)]) -> Result<()> {
         for ((_, e), (_, v)) in self.shadow.iter_mut().zip(vars) {
-            *e = ((&*e * self.decay)? + (v.as_tensor().detach() * (1.0 - self.decay))?)?;
+            *e = v.as_tensor().copy()?;
+        }
+        Ok(())
+    }
+
+    /// The decay used after `step` updates: warmed up as (1 + step) / (10 + step) (diffusers'
+    /// EMAModel), so a short run's average is not dominated by the random initialisation
+    /// (a fixed 0.999 still weighs the init by 0.999^2000 = 13% after 2000 steps).
+    pub fn decay_at(&self, step: usize) -> f64 {
+        self.decay.min((1 + step) as f64 / (10 + step) as f64)
+    }
+
+    pub fn update(&mut self, vars: &[(String, Var)], step: usize) -> Result<()> {
+        let d = self.decay_at(step);
+        for ((_, e), (_, v)) in self.shadow.iter_mut().zip(vars) {
+            *e = ((&*e * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
         }
         Ok(())
     }
@@ -207,8 +223,12 @@ mod tests {
         let vars = vec![("w".to_string(), var.clone())];
         let mut ema = Ema::new(0.5, &vars)?;
         var.set(&Tensor::new(&[4f32], &Device::Cpu)?)?;
-        ema.update(&vars)?;
-        assert_eq!(ema.shadow[0].1.to_vec1::<f32>()?, vec![2.0]);
+        // Warm-up: the first update uses decay min(0.5, 1/10) = 0.1.
+        ema.update(&vars, 0)?;
+        assert!((ema.shadow[0].1.to_vec1::<f32>()?[0] - 3.6).abs() < 1e-6);
+        ema.update(&vars, 100)?;
+        assert!((ema.shadow[0].1.to_vec1::<f32>()?[0] - 3.8).abs() < 1e-6);
+        assert_eq!(ema.decay_at(1_000_000), 0.5);
         Ok(())
     }
 }

@@ -1,45 +1,9 @@
 //! `convergence train --config train.toml`: the documented TOML format and the driver loop
 //! (progress bar, metrics, checkpoints, the saved model).
 //!
-//! ```toml
-//! out_dir = "runs/fashion"            # checkpoint, metrics.jsonl, model/ (relative to the TOML)
-//!
-//! [model]                              # diffusers config.json fields of the denoiser
-//! _class_name = "DiTTransformer2DModel"
-//! sample_size = 28
-//! patch_size = 4
-//! in_channels = 1
-//! out_channels = 1
-//! num_layers = 6
-//! num_attention_heads = 4
-//! attention_head_dim = 32
-//! num_embeds_ada_norm = 10
-//!
-//! [data]
-//! kind = "idx"                         # MNIST-layout IDX files
-//! path = "/usr/share/datasets/fashion-mnist"
-//! split = "train"
-//!
-//! [objective]
-//! kind = "rectified-flow"              # or "ddpm-epsilon"
-//! timesteps = { kind = "logit-normal", mean = 0.0, std = 1.0 }   # or uniform / mode
-//!
-//! [optim]
-//! lr = 3e-4
-//! warmup_steps = 200
-//! grad_clip = 1.0
-//! weight_decay = 0.0
-//!
-//! [train]
-//! steps = 5000
-//! batch_size = 128
-//! ema_decay = 0.999
-//! seed = 0
-//! checkpoint_every = 250
-//! class_dropout = 0.1
-//! ```
+//! The format, with every key, is documented in docs/TRAINING.md.
 
-use super::data::{load_idx_split, Dataset};
+use super::data::{load_class_folders, load_idx_split, Channels, Dataset, FolderOptions, Size, Targets};
 use super::objective::Objective;
 use super::optim::AdamWConfig;
 use super::trainer::{new_dit, EpochCache, LoopConfig, Trainer};
@@ -64,13 +28,34 @@ pub struct TrainFile {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum DataConfig {
-    Idx { path: PathBuf, split: String },
+    /// MNIST-layout IDX files (`<split>-images-idx3-ubyte[.gz]` + labels), with optional class
+    /// names in label order.
+    Idx { path: PathBuf, split: String, classes: Option<Vec<String>> },
+    /// Images in class subfolders (`root/<class>/*.png`), resized to `size` x `size`.
+    Folders { path: PathBuf, size: usize, rgb: bool },
 }
 
 impl DataConfig {
     pub fn load(&self) -> Result<Dataset> {
         match self {
-            DataConfig::Idx { path, split } => load_idx_split(path, split),
+            DataConfig::Idx { path, split, classes } => {
+                let mut ds = load_idx_split(path, split)?;
+                if let (Some(names), Targets::Labels { classes, .. }) = (classes, &mut ds.targets) {
+                    if names.len() < classes.len() {
+                        return Err(Error::config(
+                            path,
+                            format!("[data]: {} class names for {} classes", names.len(), classes.len()),
+                        ));
+                    }
+                    *classes = names.clone();
+                }
+                Ok(ds)
+            }
+            DataConfig::Folders { path, size, rgb } => {
+                let channels = if *rgb { Channels::Rgb } else { Channels::Grey };
+                let size = Size::Resize { height: *size, width: *size };
+                load_class_folders(path, FolderOptions { channels, size })
+            }
         }
     }
 }
@@ -122,7 +107,7 @@ pub fn build(path: &Path, resume: bool, dev: &Device) -> Result<(Trainer, Datase
             ),
         ));
     }
-    let trainee = new_dit(&cfg, &file.objective, dev)?;
+    let trainee = new_dit(&cfg, &file.objective, file.train.seed, dev)?;
     let mut trainer = Trainer::new(trainee, file.objective, file.optim, file.train, &file.out_dir)?;
     if resume {
         let ckpt = trainer.checkpoint_path();
@@ -133,7 +118,6 @@ pub fn build(path: &Path, resume: bool, dev: &Device) -> Result<(Trainer, Datase
             ));
         }
         trainer.load_checkpoint(&ckpt)?;
-        trainer.truncate_log()?;
     }
     Ok((trainer, data))
 }
@@ -152,6 +136,8 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, until: Option<usize>, quiet: b
     let start = Instant::now();
     let mut cache = EpochCache::default();
     std::fs::create_dir_all(&trainer.out_dir).map_err(|e| Error::io(&trainer.out_dir, e))?;
+    // A resumed run rewrites the steps its predecessor logged after the checkpoint.
+    trainer.truncate_log()?;
     while trainer.step() < total {
         let mut log = trainer.train_step(data, &mut cache)?;
         log.elapsed_s = start.elapsed().as_secs_f64();
@@ -160,11 +146,17 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, until: Option<usize>, quiet: b
         bar.inc(1);
         if log.step % trainer.cfg.checkpoint_every == 0 || log.step == total {
             trainer.save_checkpoint()?;
+            trainer.plot_loss()?;
+        }
+        let every = trainer.cfg.sample_every;
+        if every > 0 && log.step % every == 0 {
+            let file = trainer.out_dir.join(format!("samples/step-{:06}.png", log.step));
+            trainer.sample_grid(&file, data.classes().len())?;
         }
     }
     bar.finish();
     if trainer.step() == trainer.cfg.steps {
-        trainer.save_model(&trainer.out_dir.join("model"))?;
+        trainer.save_model(&trainer.out_dir.join("model"), data.classes(), false)?;
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::models::dit::{DiT, DiTConfig, Numerics};
 use crate::models::{Conditioning, Denoiser, Prediction};
 use crate::nn::Init;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -34,6 +34,13 @@ pub struct LoopConfig {
     /// Probability of replacing a label by the null class (trains the unconditional branch for CFG).
     #[serde(default)]
     pub class_dropout: f64,
+    /// The step at which EMA averaging starts (its warm-up counts from here; before it the EMA
+    /// follows the weights). Lets a run extended past its plan average only its last steps.
+    #[serde(default)]
+    pub ema_start: usize,
+    /// Write a sample grid (20 steps, raw weights) to <out_dir>/samples every N steps (0 = off).
+    #[serde(default)]
+    pub sample_every: usize,
 }
 
 fn default_ema() -> f64 {
@@ -51,12 +58,14 @@ pub struct Trainee {
     pub null_class: Option<u32>,
     /// config.json of the saved model.
     pub config_json: serde_json::Value,
+    /// [C, H, W] of one training sample.
+    pub sample_shape: [usize; 3],
 }
 
-/// A fresh class-conditional DiT with the paper's initialisation.
-pub fn new_dit(cfg: &DiTConfig, objective: &Objective, dev: &Device) -> Result<Trainee> {
+/// A fresh class-conditional DiT with the paper's initialisation, drawn from `seed`.
+pub fn new_dit(cfg: &DiTConfig, objective: &Objective, seed: u64, dev: &Device) -> Result<Trainee> {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let vb = crate::weights::init::seeded_var_builder(&varmap, seed, DType::F32, dev);
     let prediction = match objective {
         Objective::RectifiedFlow { .. } => Prediction::Velocity,
         Objective::DdpmEpsilon { .. } if cfg.out_channels() == 2 * cfg.in_channels => {
@@ -70,6 +79,7 @@ pub fn new_dit(cfg: &DiTConfig, objective: &Objective, dev: &Device) -> Result<T
         varmap,
         null_class: Some(cfg.null_class() as u32),
         config_json: cfg.to_diffusers_json(),
+        sample_shape: [cfg.in_channels, cfg.sample_size, cfg.sample_size],
     })
 }
 
@@ -153,7 +163,11 @@ impl Trainer {
         }
         let lr = self.optim.lr_at(step);
         let grad_norm = self.optim.step(&loss.backward()?)?;
-        self.ema.update(&self.vars)?;
+        if step < self.cfg.ema_start {
+            self.ema.reset(&self.vars)?;
+        } else {
+            self.ema.update(&self.vars, step - self.cfg.ema_start)?;
+        }
         Ok(StepLog { step: step + 1, loss: loss_v, grad_norm, lr, elapsed_s: 0.0 })
     }
 
@@ -224,20 +238,108 @@ impl Trainer {
         Ok(())
     }
 
-    /// The EMA weights by name (what a saved model holds).
-    pub fn ema_weights(&self) -> HashMap<String, Tensor> {
-        self.ema.shadow.iter().cloned().collect()
+    /// The weights a saved model holds: the EMA (default) or the raw last iterate.
+    pub fn weights(&self, raw: bool) -> HashMap<String, Tensor> {
+        if raw {
+            self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+        } else {
+            self.ema.shadow.iter().cloned().collect()
+        }
     }
 
-    /// Saves the EMA model as a diffusers model directory: config.json + weights.
-    pub fn save_model(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let cfg = serde_json::to_string_pretty(&self.trainee.config_json).map_err(Error::msg)?;
-        std::fs::write(dir.join("config.json"), cfg + "\n")
-            .map_err(|e| Error::io(dir.join("config.json"), e))?;
+    /// The scheduler config a saved model gets (flow matching for rectified flow, DDIM for
+    /// DDPM) and our sampling defaults for it.
+    fn scheduler_config(&self) -> (serde_json::Value, serde_json::Value) {
+        match &self.objective {
+            Objective::RectifiedFlow { .. } => (
+                serde_json::json!({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}),
+                serde_json::json!({"steps": 20, "guidance": 1.0, "sampler": "euler"}),
+            ),
+            Objective::DdpmEpsilon { num_train_timesteps } => (
+                serde_json::json!({"_class_name": "DDIMScheduler", "num_train_timesteps": num_train_timesteps,
+                    "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "clip_sample": false,
+                    "set_alpha_to_one": true, "steps_offset": 0, "timestep_spacing": "trailing",
+                    "prediction_type": "epsilon"}),
+                serde_json::json!({"steps": 50, "guidance": 1.0, "sampler": "ddim"}),
+            ),
+        }
+    }
+
+    /// A grid of 8 samples per class from the current (raw) weights, 20 steps.
+    pub fn sample_grid(&self, path: &Path, num_classes: usize) -> Result<()> {
+        use crate::flow::{sample, ModelTime, SampleOptions, SamplerKind, Scheduler, SchedulerConfig};
+        let (json, _) = self.scheduler_config();
+        let class = json["_class_name"].as_str().unwrap_or_default();
+        let config = SchedulerConfig::parse(class, &json.to_string()).map_err(Error::msg)?;
+        let schedule = Scheduler::new(config)?.set_timesteps(20, None, None)?;
+        let sampler = match self.objective {
+            Objective::RectifiedFlow { .. } => SamplerKind::Euler,
+            Objective::DdpmEpsilon { .. } => SamplerKind::Ddim,
+        };
+        let labels: Vec<u32> = (0..num_classes as u32).flat_map(|c| std::iter::repeat_n(c, 8)).collect();
+        let dev = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+        let [c, h, w] = self.trainee.sample_shape;
+        let noise = crate::noise::randn(
+            &mut ChaCha8Rng::seed_from_u64(self.cfg.seed),
+            &[labels.len(), c, h, w],
+            &dev,
+        )?;
+        let cond =
+            Conditioning { class_labels: Some(Tensor::new(labels.as_slice(), &dev)?), ..Default::default() };
+        let opts = SampleOptions { sampler, guidance: 1.0, seed: self.cfg.seed, time: ModelTime::Timestep };
+        let x = sample(self.trainee.model.as_ref(), &noise, &cond, None, &schedule, &opts, |_, _| {})?;
+        std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(|e| Error::io(path, e))?;
+        crate::viz::save_grid(&x.clamp(-1f32, 1f32)?, 8, path)
+    }
+
+    /// Plots metrics.jsonl's loss (and its 50-step moving average) to <out_dir>/loss.png.
+    pub fn plot_loss(&self) -> Result<()> {
+        let path = self.out_dir.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let log: Vec<StepLog> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let raw: Vec<(f64, f64)> = log.iter().map(|e| (e.step as f64, e.loss)).collect();
+        let smooth: Vec<(f64, f64)> = raw
+            .windows(50)
+            .map(|w| (w[w.len() - 1].0, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64))
+            .collect();
+        crate::viz::LinePlot::new("training loss")
+            .x_label("step")
+            .y_label("loss")
+            .series("loss", raw)
+            .series("50-step mean", smooth)
+            .save(&self.out_dir.join("loss.png"))
+    }
+
+    /// Saves the EMA model as a pipeline directory diffusers' layout: model_index.json (with
+    /// `id2label` and our sampling defaults), transformer/ (config.json + weights) and
+    /// scheduler/ (flow matching for rectified flow, DDIM for DDPM).
+    pub fn save_model(&self, dir: &Path, class_names: &[String], raw: bool) -> Result<()> {
+        let write = |path: PathBuf, v: &serde_json::Value| -> Result<()> {
+            std::fs::create_dir_all(path.parent().unwrap_or(dir)).map_err(|e| Error::io(dir, e))?;
+            let text = serde_json::to_string_pretty(v).map_err(Error::msg)? + "\n";
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+        };
+        write(dir.join("transformer/config.json"), &self.trainee.config_json)?;
         crate::weights::write_safetensors(
-            &self.ema_weights(),
-            &dir.join("diffusion_pytorch_model.safetensors"),
+            &self.weights(raw),
+            &dir.join("transformer/diffusion_pytorch_model.safetensors"),
+        )?;
+        let (scheduler, defaults) = self.scheduler_config();
+        write(dir.join("scheduler/scheduler_config.json"), &scheduler)?;
+        let id2label: serde_json::Map<String, serde_json::Value> =
+            class_names.iter().enumerate().map(|(i, n)| (i.to_string(), n.clone().into())).collect();
+        let class = scheduler["_class_name"].clone();
+        write(
+            dir.join("model_index.json"),
+            &serde_json::json!({
+                "_class_name": "DiTPipeline",
+                "_diffusers_version": "0.42.1",
+                "transformer": ["diffusers", "DiTTransformer2DModel"],
+                "scheduler": ["diffusers", class],
+                "vae": [null, null],
+                "id2label": id2label,
+                "convergence": defaults,
+            }),
         )
     }
 

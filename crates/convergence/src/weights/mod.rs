@@ -3,6 +3,7 @@
 //! checked for name, shape and dtype with an error that names the file. `keymap` converts the
 //! original checkpoint layouts; `ShapeRecorder` builds a model without allocating its weights.
 
+pub mod init;
 pub mod keymap;
 pub mod load;
 mod shapes;

@@ -1,0 +1,3 @@
+//! Pipelines: a model_index.json directory assembled into conditioning -> sampler -> image.
+
+pub mod dit;
