@@ -1,0 +1,162 @@
+//! The binary on bad input: one-line errors naming the culprit and a non-zero exit, never a
+//! panic; and `forward` / `inspect` / `schedule` on real fixtures.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("conv-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs the binary; returns (success, stdout, stderr).
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_convergence")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Asserts a clean failure: non-zero exit, one `error:` line mentioning every `needle`.
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let (ok, _, err) = run(args);
+    assert!(!ok, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let line =
+        err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line: {err}"));
+    for n in needles {
+        assert!(line.contains(n), "{args:?}: `{line}` should mention `{n}`");
+    }
+}
+
+/// A copy of the `dit` fixture model whose weights file `edit` may damage.
+fn dit_copy(name: &str, edit: impl Fn(&Path)) -> PathBuf {
+    let dir = tmp(name);
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(fixtures().join("dit").join(f), dir.join(f)).unwrap();
+    }
+    edit(&dir.join("diffusion_pytorch_model.safetensors"));
+    dir
+}
+
+fn forward(model: &Path, out: &Path) -> Vec<String> {
+    let io = fixtures().join("dit/io.safetensors");
+    vec![
+        "forward".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--inputs".into(),
+        io.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn forward_writes_the_fixture_output() {
+    let out = tmp("fwd").join("out.safetensors");
+    let (ok, stdout, err) = run(&strs(&forward(&fixtures().join("dit"), &out)));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("output.sample"));
+    assert!(out.exists());
+}
+
+#[test]
+fn truncated_safetensors_is_named() {
+    let dir = dit_copy("trunc", |w| {
+        let bytes = std::fs::read(w).unwrap();
+        std::fs::write(w, &bytes[..bytes.len() / 2]).unwrap();
+    });
+    let out = dir.join("out.safetensors");
+    fails_with(&strs(&forward(&dir, &out)), &["diffusion_pytorch_model.safetensors"]);
+}
+
+#[test]
+fn garbage_safetensors_is_named() {
+    let dir = dit_copy("garbage", |w| std::fs::write(w, b"not a safetensors file at all").unwrap());
+    fails_with(
+        &strs(&forward(&dir, &dir.join("o.safetensors"))),
+        &["diffusion_pytorch_model.safetensors", "safetensors"],
+    );
+}
+
+#[test]
+fn wrong_shape_and_missing_tensor_are_named() {
+    // A config that disagrees with the weights: every tensor has the wrong shape.
+    let dir = dit_copy("shape", |_| {});
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"attention_head_dim\": 16", "\"attention_head_dim\": 8"),
+    )
+    .unwrap();
+    fails_with(
+        &strs(&forward(&dir, &dir.join("o.safetensors"))),
+        &["diffusion_pytorch_model.safetensors", "shape", "expected"],
+    );
+    // One more layer than the file holds: a missing tensor.
+    let dir = dit_copy("missing", |_| {});
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(dir.join("config.json"), cfg.replace("\"num_layers\": 2", "\"num_layers\": 3")).unwrap();
+    fails_with(
+        &strs(&forward(&dir, &dir.join("o.safetensors"))),
+        &["missing tensor", "transformer_blocks.2"],
+    );
+}
+
+#[test]
+fn unknown_class_and_missing_files_are_named() {
+    let dir = dit_copy("class", |_| {});
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(dir.join("config.json"), cfg.replace("DiTTransformer2DModel", "FancyNewModel")).unwrap();
+    fails_with(&strs(&forward(&dir, &dir.join("o.safetensors"))), &["FancyNewModel", "config.json"]);
+    fails_with(&strs(&forward(Path::new("/no/such/model"), &dir.join("o.safetensors"))), &["/no/such/model"]);
+    fails_with(&["inspect", "dit-xxl-3"], &["dit-xxl-3", "preset"]);
+    fails_with(&["inspect", "dit-xl-2", "--resolution", "255x256"], &["255x256"]);
+}
+
+#[test]
+fn inspect_prints_the_real_counts() {
+    let (ok, out, err) = run(&["inspect", "dit-xl-2", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["parameters"], 749_826_464u64);
+    assert_eq!(v["parameters_original"], 675_129_632u64);
+    let (ok, out, _) = run(&["inspect", "sd3-medium", "--resolution", "1024x1024"]);
+    assert!(
+        ok && out.contains("4,429") && out.contains("2,028,328,000") && out.contains("2,084,951,104"),
+        "{out}"
+    );
+}
+
+#[test]
+fn schedule_writes_diffusers_numbers() {
+    let out = tmp("sched").join("s.safetensors");
+    let cfg = fixtures().join("sched/scheduler_flux/scheduler_config.json");
+    let (ok, stdout, err) = run(&[
+        "schedule",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--image-seq-len",
+        "1024",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("timesteps") && out.exists());
+    fails_with(&["schedule", "--config", "/nope.json", "--steps", "4"], &["/nope.json"]);
+}
