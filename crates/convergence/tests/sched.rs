@@ -158,16 +158,7 @@ fn sd3_loop(case: &str, guidance: f64) {
     let key = |k: &str| io[&format!("{case}.{k}")].clone();
     let schedule = scheduler("scheduler_sd3").set_timesteps(4, None, None).unwrap();
     check_flow(case, &schedule, &io);
-    let cond = Conditioning {
-        text_tokens: Some(io["loop.prompt_embeds"].clone()),
-        pooled: Some(io["loop.pooled_prompt_embeds"].clone()),
-        ..Default::default()
-    };
-    let uncond = Conditioning {
-        text_tokens: Some(io["loop.negative_prompt_embeds"].clone()),
-        pooled: Some(io["loop.negative_pooled_prompt_embeds"].clone()),
-        ..Default::default()
-    };
+    let (cond, uncond) = loop_conditioning(&io);
     let latents = key("latents");
     let model = Replay {
         outputs: key("model_output"),
@@ -187,6 +178,43 @@ fn sd3_loop(case: &str, guidance: f64) {
     assert_eq!(seen, [0, 1, 2, 3]);
     assert_eq!(model.calls.get(), 4);
     assert_close(&format!("{case} final"), &out, &key("final_latents"), 5e-5, 1e-4);
+}
+
+/// The prompt and negative-prompt embeddings of the SD3 loops.
+fn loop_conditioning(io: &HashMap<String, Tensor>) -> (Conditioning, Conditioning) {
+    let c = |tokens: &str, pooled: &str| Conditioning {
+        text_tokens: Some(io[tokens].clone()),
+        pooled: Some(io[pooled].clone()),
+        ..Default::default()
+    };
+    (
+        c("loop.prompt_embeds", "loop.pooled_prompt_embeds"),
+        c("loop.negative_prompt_embeds", "loop.negative_pooled_prompt_embeds"),
+    )
+}
+
+/// The same loops end to end: our SD3 transformer (the fixture's weights) under our sampler.
+#[test]
+fn sd3_loops_end_to_end_with_our_transformer_match_diffusers() {
+    let io = io("sched");
+    let opts = convergence::weights::LoadOptions::default();
+    let Ok(convergence::models::any::AnyModel::SD3(model)) =
+        convergence::weights::load_model(&fixture("sched").join("transformer"), &opts)
+    else {
+        panic!("sched/transformer is an SD3 transformer");
+    };
+    let schedule = scheduler("scheduler_sd3").set_timesteps(4, None, None).unwrap();
+    let (cond, uncond) = loop_conditioning(&io);
+    for (case, guidance) in [("loop_cfg", 4.0), ("loop_nocfg", 1.0)] {
+        let opts =
+            SampleOptions { sampler: SamplerKind::Euler, guidance, seed: 0, time: ModelTime::Timestep };
+        let latents = io[&format!("{case}.latents")].clone();
+        let out = sample(&model, &io["loop.noise"], &cond, Some(&uncond), &schedule, &opts, |i, x| {
+            assert_close(&format!("{case} step {i}"), x, &latents.i(i + 1).unwrap(), 5e-5, 1e-4);
+        })
+        .unwrap();
+        assert_close(case, &out, &io[&format!("{case}.final_latents")], 5e-5, 1e-4);
+    }
 }
 
 #[test]
