@@ -94,3 +94,54 @@ fn preset_parameter_counts_match_diffusers_and_official() {
     assert_eq!(cfg.param_list().unwrap().total(), 20_368);
     assert_eq!(official_param_count(&cfg).unwrap(), 15_968);
 }
+
+/// Copies the `dit` fixture to a temp dir with its weights rewritten by `write`.
+fn rewritten(name: &str, write: impl Fn(&std::path::Path, Vec<(String, Tensor)>)) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("conv-dit-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("dit/config.json"), dir.join("config.json")).unwrap();
+    let store = convergence::weights::WeightStore::open_safetensors(&[fixture(
+        "dit/diffusion_pytorch_model.safetensors",
+    )])
+    .unwrap();
+    write(&dir, store.load_all(&Device::Cpu).unwrap());
+    dir
+}
+
+#[test]
+fn half_precision_weights_load_converted_to_f32() {
+    let io = io("dit");
+    for (name, dtype, atol) in [("f16", DType::F16, 5e-3), ("bf16", DType::BF16, 5e-2)] {
+        let dir = rewritten(name, |dir, tensors| {
+            let t: std::collections::HashMap<String, Tensor> =
+                tensors.into_iter().map(|(n, t)| (n, t.to_dtype(dtype).unwrap())).collect();
+            candle_core::safetensors::save(&t, dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        });
+        let out = dit(&dir).forward_io(&io).unwrap();
+        assert_eq!(out["output.sample"].dtype(), DType::F32);
+        assert_close(name, &out["output.sample"], &io["output.sample"], atol, 1e-2);
+    }
+}
+
+#[test]
+fn sharded_weights_with_an_index_load_exactly() {
+    let io = io("dit");
+    let dir = rewritten("sharded", |dir, tensors| {
+        let mut weight_map = serde_json::Map::new();
+        let (a, b): (Vec<_>, Vec<_>) = tensors.into_iter().enumerate().partition(|(i, _)| i % 2 == 0);
+        for (k, part) in [a, b].into_iter().enumerate() {
+            let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", k + 1);
+            let t: std::collections::HashMap<String, Tensor> = part.into_iter().map(|(_, nt)| nt).collect();
+            for n in t.keys() {
+                weight_map.insert(n.clone(), file.clone().into());
+            }
+            candle_core::safetensors::save(&t, dir.join(&file)).unwrap();
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string())
+            .unwrap();
+    });
+    let out = dit(&dir).forward_io(&io).unwrap();
+    assert_close("sharded", &out["output.sample"], &io["output.sample"], 1e-5, 1e-4);
+}
