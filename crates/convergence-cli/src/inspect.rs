@@ -6,7 +6,9 @@ use anyhow::{bail, Result};
 /// parameter counts per component and forward FLOPs, computed from the config alone.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A preset (dit-s-2 ... dit-xl-8) or a path to a config.json / model directory.
+    /// A preset (dit-s-2 ... dit-xl-8, sd3-medium, sd3.5-medium, sd3.5-large, flux-dev,
+    /// flux-schnell, sdxl-base, sdxl-refiner, sdxl-vae, sd3-vae, flux-vae, clip-l, clip-g, t5-xxl)
+    /// or a path to a config.json / model directory.
     model: String,
     /// Image size in pixels, WxH (default: the model's native size).
     #[arg(long)]

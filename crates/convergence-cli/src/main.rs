@@ -45,6 +45,7 @@ struct Cli {
 enum Command {
     Generate(generate::Args),
     Eval(eval::Args),
+    /// Measured studies of the seed's claims (quality against sampling steps).
     #[command(subcommand)]
     Study(study::Study),
     Forward(forward::Args),
