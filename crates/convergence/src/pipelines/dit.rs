@@ -1,10 +1,11 @@
-//! The class-conditional DiT pipeline: class ids -> DiT under a sampler -> image. Reads a
-//! diffusers-style directory (model_index.json, transformer/, scheduler/). Pixel-space models
-//! (ours) have no VAE; the sample is the image in [-1, 1].
+//! The class-conditional DiT pipeline: class ids -> DiT under a sampler -> (VAE decoder) ->
+//! image. Reads a diffusers `DiTPipeline` directory (model_index.json, transformer/, scheduler/,
+//! vae/). Pixel-space models (ours) have no VAE: the sample is the image in [-1, 1].
 
 use crate::error::{Error, Result};
 use crate::flow::{sample, ModelTime, SampleOptions, SamplerKind, Scheduler};
 use crate::models::dit::{DiT, DiTConfig, Numerics};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::models::{Conditioning, Prediction};
 use crate::nn::Init;
 use crate::weights::{model_dir_files, read_json, WeightStore};
@@ -39,7 +40,17 @@ pub struct DiTPipeline {
     /// Class names by id (synonyms separated by ", " as in DiT's ImageNet labels).
     pub labels: Vec<String>,
     pub defaults: Defaults,
+    /// The latent decoder (latent DiTs); None for pixel-space models.
+    pub vae: Option<AutoencoderKL>,
     device: Device,
+}
+
+fn load_vae(dir: &Path, dev: &Device) -> Result<AutoencoderKL> {
+    let cfg_path = dir.join("config.json");
+    let cfg: VaeConfig = read_json(&cfg_path)?;
+    cfg.validate().map_err(|m| Error::config(&cfg_path, m))?;
+    let vb = WeightStore::open_safetensors(&model_dir_files(dir)?)?.var_builder(DType::F32, dev);
+    AutoencoderKL::new(vb, &cfg, Init::Default)
 }
 
 /// "euler" | "heun" | "ddim" | "ddpm"
@@ -57,12 +68,8 @@ impl DiTPipeline {
     pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = read_json(&index_path)?;
-        if index.vae.as_ref().is_some_and(|v| !v.is_null() && v.get(0).is_some_and(|c| !c.is_null())) {
-            return Err(Error::config(
-                &index_path,
-                "latent DiT pipelines (with a VAE) are not supported yet",
-            ));
-        }
+        let has_vae = index.vae.as_ref().is_some_and(|v| v.get(0).is_some_and(|c| !c.is_null()));
+        let vae = if has_vae { Some(load_vae(&dir.join("vae"), dev)?) } else { None };
         let scheduler = Scheduler::from_config_file(dir.join("scheduler/scheduler_config.json"))?;
         let tdir = dir.join("transformer");
         let cfg_path = tdir.join("config.json");
@@ -91,6 +98,7 @@ impl DiTPipeline {
             scheduler,
             labels,
             defaults,
+            vae,
             device: dev.clone(),
         })
     }
@@ -115,34 +123,50 @@ impl DiTPipeline {
         })
     }
 
-    /// Generates one image per label: [N, C, H, W] in [-1, 1] (pixel space). Noise for image k
-    /// comes from (seed, k), so a batch size or subset never changes an image.
+    /// Generates one image per label: [N, 3 or C, H, W] in [-1, 1]. Noise for image k comes
+    /// from (seed, k), so a batch size or subset never changes an image.
     pub fn generate(&self, labels: &[u32], opts: &SampleOptions, steps: usize, seed: u64) -> Result<Tensor> {
         let cfg = self.transformer.config();
-        let dev = self.device.clone();
-        let schedule = self.scheduler.set_timesteps(steps, None, None)?;
+        let shape = [1, cfg.in_channels, cfg.sample_size, cfg.sample_size];
         let mut out = vec![];
         for (c, chunk) in labels.chunks(256).enumerate() {
             let noise = (0..chunk.len())
                 .map(|j| {
                     let mut rng = ChaCha8Rng::seed_from_u64(seed);
                     rng.set_stream((c * 256 + j) as u64);
-                    crate::noise::randn(
-                        &mut rng,
-                        &[1, cfg.in_channels, cfg.sample_size, cfg.sample_size],
-                        &dev,
-                    )
+                    crate::noise::randn(&mut rng, &shape, &self.device)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let noise = Tensor::cat(&noise, 0)?;
-            let y = Tensor::new(chunk, &dev)?;
-            let cond = Conditioning { class_labels: Some(y), ..Default::default() };
-            let null = Tensor::full(cfg.null_class() as u32, chunk.len(), &dev)?;
-            let uncond = Conditioning { class_labels: Some(null), ..Default::default() };
-            let x = sample(&self.transformer, &noise, &cond, Some(&uncond), &schedule, opts, |_, _| {})?;
-            out.push(x);
+            let latents = self.denoise(&Tensor::cat(&noise, 0)?, chunk, opts, steps)?;
+            out.push(self.decode(&latents)?);
         }
-        Ok(Tensor::cat(&out, 0)?.clamp(-1f32, 1f32)?)
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// Runs the sampler from `noise` with classifier-free guidance against the null class, as
+    /// diffusers' DiTPipeline does; returns the final latents.
+    pub fn denoise(
+        &self,
+        noise: &Tensor,
+        labels: &[u32],
+        opts: &SampleOptions,
+        steps: usize,
+    ) -> Result<Tensor> {
+        let schedule = self.scheduler.set_timesteps(steps, None, None)?;
+        let cond =
+            Conditioning { class_labels: Some(Tensor::new(labels, &self.device)?), ..Default::default() };
+        let null = Tensor::full(self.transformer.config().null_class() as u32, labels.len(), &self.device)?;
+        let uncond = Conditioning { class_labels: Some(null), ..Default::default() };
+        sample(&self.transformer, noise, &cond, Some(&uncond), &schedule, opts, |_, _| {})
+    }
+
+    /// Latents -> images in [-1, 1] (through the VAE's `z / scaling_factor` for latent models).
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let images = match &self.vae {
+            Some(vae) => vae.decode(&vae.from_latent(latents)?)?,
+            None => latents.clone(),
+        };
+        Ok(images.clamp(-1f32, 1f32)?)
     }
 
     /// Sampling options from the defaults, overridden where given.

@@ -1,0 +1,29 @@
+//! Pipelines end to end against diffusers (fixture `pipe_dit`: DiTPipeline with a VAE, DDIM,
+//! classifier-free guidance 4 and learned sigma).
+
+mod common;
+use candle_core::{Device, IndexOp};
+use common::{assert_close, fixture, io};
+use convergence::flow::SamplerKind;
+use convergence::pipelines::dit::DiTPipeline;
+
+#[test]
+fn dit_pipeline_matches_diffusers_latents_and_images() {
+    let io = io("pipe_dit");
+    let pipe = DiTPipeline::load(&fixture("pipe_dit"), &Device::Cpu).unwrap();
+    assert_eq!(pipe.class_id("golden retriever").unwrap(), 207);
+    assert_eq!(pipe.class_id("umbrella").unwrap(), 879);
+    let labels =
+        io["input.class_labels"].to_dtype(candle_core::DType::U32).unwrap().to_vec1::<u32>().unwrap();
+    let mut opts = pipe.options(None, Some(4.0), 0).unwrap();
+    assert_eq!(opts.sampler, SamplerKind::Ddim);
+    opts.guidance = 4.0;
+    let latents = pipe.denoise(&io["input.latents"], &labels, &opts, 3).unwrap();
+    assert_close("latents", &latents, &io["output.latents"], 5e-4, 1e-4);
+    let images = pipe.decode(&latents).unwrap();
+    // diffusers' output_type='np': (x / 2 + 0.5) clamped, NHWC.
+    let np =
+        ((images / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap().permute((0, 2, 3, 1)).unwrap();
+    assert_close("images", &np, &io["output.images"], 5e-4, 1e-4);
+    assert_eq!(np.i(0).unwrap().dims(), &[64, 64, 3]);
+}
