@@ -7,13 +7,34 @@ use convergence::pipelines::dit::DiTPipeline;
 use convergence::viz::{save_grid, save_image};
 use std::path::{Path, PathBuf};
 
-/// Generate images with a model directory.
+/// Generate images with a pipeline directory (model_index.json).
 ///
-/// Class-conditional DiT: `--class sneaker -o out.png` writes one image; `--grid -o grid.png`
-/// writes a grid with one row per class; `--num-images N -o DIR` writes N PNGs named
-/// `<class id>_<index>.png` (of `--class`, or spread evenly over all classes).
+/// Class-conditional DiT (the default model): `--class sneaker -o out.png` writes one image;
+/// `--grid -o grid.png` writes a grid with one row per class; `--num-images N -o DIR` writes N
+/// PNGs named `<class id>_<index>.png` (of `--class`, or spread evenly over all classes).
+///
+/// Text-to-image (StableDiffusion3Pipeline): `--model DIR "a prompt" -o out.png`.
 #[derive(clap::Args)]
 pub struct Args {
+    /// The prompt (text-to-image pipelines).
+    prompt: Option<String>,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Image width in pixels (text-to-image; default 1024).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels (text-to-image; default 1024).
+    #[arg(long)]
+    height: Option<usize>,
+    /// T5 tokens (SD3: 256).
+    #[arg(long, default_value_t = 256)]
+    max_sequence_length: usize,
+    /// Start from the `latents` tensor of this safetensors file instead of seeded noise.
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// Also write the final latents (`latents`) to this safetensors file.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
     /// Model directory with model_index.json (default: the shipped Fashion-MNIST DiT).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -51,8 +72,25 @@ pub fn default_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fashion-dit")
 }
 
+/// The `_class_name` of a pipeline directory's model_index.json.
+fn pipeline_class(dir: &Path) -> Result<String> {
+    let v: serde_json::Value = convergence::weights::read_json(&dir.join("model_index.json"))?;
+    Ok(v.get("_class_name").and_then(|c| c.as_str()).unwrap_or_default().to_string())
+}
+
 pub fn run(a: Args) -> Result<()> {
     let dir = a.model.clone().unwrap_or_else(default_model);
+    match pipeline_class(&dir)?.as_str() {
+        "StableDiffusion3Pipeline" => return run_sd3(&dir, a),
+        "DiTPipeline" => {}
+        other => bail!(
+            "{}: pipeline `{other}` is not supported (DiTPipeline, StableDiffusion3Pipeline)",
+            dir.display()
+        ),
+    }
+    if a.prompt.is_some() {
+        bail!("{} is class-conditional: use --class instead of a prompt", dir.display());
+    }
     let pipe = DiTPipeline::load(&dir, &Device::Cpu).with_context(|| format!("loading {}", dir.display()))?;
     let steps = a.steps.unwrap_or(pipe.defaults.steps);
     if steps == 0 {
@@ -103,5 +141,48 @@ fn write_numbered(images: &Tensor, labels: &[u32], dir: &Path) -> Result<()> {
         *i += 1;
     }
     println!("wrote {} images to {}", labels.len(), dir.display());
+    Ok(())
+}
+
+fn run_sd3(dir: &Path, a: Args) -> Result<()> {
+    use convergence::pipelines::sd3::SD3Pipeline;
+    let Some(prompt) = a.prompt.as_deref() else { bail!("text-to-image needs a prompt") };
+    let (w, h) = (a.width.unwrap_or(1024), a.height.unwrap_or(1024));
+    let dev = Device::Cpu;
+    let pipe = SD3Pipeline::load(dir, a.max_sequence_length, &dev)?;
+    let factor = 16; // VAE 8 x patch 2
+    if w % factor != 0 || h % factor != 0 || w == 0 || h == 0 {
+        let near = |x: usize| match x % factor {
+            0 => x.to_string(),
+            _ => format!("{} or {}", (x / factor).max(1) * factor, (x / factor + 1) * factor),
+        };
+        bail!(
+            "{w}x{h} is not a multiple of {factor} (VAE factor 8 x patch 2): try width {} and height {}",
+            near(w),
+            near(h)
+        );
+    }
+    let cond = pipe.encode_prompt(&[prompt])?;
+    let uncond = pipe.encode_prompt(&[a.negative_prompt.as_deref().unwrap_or("")])?;
+    for warning in cond.warnings.iter().chain(&uncond.warnings) {
+        eprintln!("warning: {warning}");
+    }
+    let channels = pipe.vae.config().latent_channels;
+    let noise = match &a.latents {
+        Some(f) => convergence::weights::read_safetensors(f, &dev)?
+            .remove("latents")
+            .with_context(|| format!("{}: no tensor named `latents`", f.display()))?,
+        None => convergence::noise::seeded_randn(a.seed, &[1, channels, h / 8, w / 8], &dev)?,
+    };
+    let steps = a.steps.unwrap_or(28);
+    let guidance = a.guidance_scale.unwrap_or(7.0);
+    eprintln!("{}: {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
+    let latents = pipe.denoise(&noise, &cond, &uncond, steps, guidance)?;
+    if let Some(f) = &a.save_latents {
+        let t = std::collections::HashMap::from([("latents".to_string(), latents.clone())]);
+        convergence::weights::write_safetensors(&t, f)?;
+    }
+    save_image(&pipe.decode(&latents)?.get(0)?, &a.out)?;
+    println!("wrote {}", a.out.display());
     Ok(())
 }

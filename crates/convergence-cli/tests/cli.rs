@@ -160,3 +160,48 @@ fn schedule_writes_diffusers_numbers() {
     assert!(stdout.contains("timesteps") && out.exists());
     fails_with(&["schedule", "--config", "/nope.json", "--steps", "4"], &["/nope.json"]);
 }
+
+#[test]
+fn sd3_generate_reproduces_diffusers_final_latents_from_given_noise() {
+    use candle_core::{Device, IndexOp};
+    let dev = Device::Cpu;
+    let io = candle_core::safetensors::load(fixtures().join("pipe_sd3/io.safetensors"), &dev).unwrap();
+    let dir = tmp("sd3");
+    let noise = io["input.latents"].i(0..1).unwrap();
+    let noise_file = dir.join("noise.safetensors");
+    candle_core::safetensors::save(&std::collections::HashMap::from([("latents", noise)]), &noise_file)
+        .unwrap();
+    let saved = dir.join("final.safetensors");
+    let model = fixtures().join("pipe_sd3");
+    let (ok, _, err) = run(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "a red fox sitting in the snow, watercolor painting",
+        "--negative-prompt",
+        "blurry, low quality",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--guidance-scale",
+        "4",
+        "--latents",
+        noise_file.to_str().unwrap(),
+        "--save-latents",
+        saved.to_str().unwrap(),
+        "-o",
+        dir.join("fox.png").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let ours = candle_core::safetensors::load(&saved, &dev).unwrap()["latents"].clone();
+    let reference = io["output.latents"].i(0..1).unwrap();
+    let diff = (ours - &reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "max diff {diff}");
+    fails_with(
+        &["generate", "--model", model.to_str().unwrap(), "x", "--width", "70", "-o", "x.png"],
+        &["70x1024", "64 or 80"],
+    );
+}

@@ -18,3 +18,9 @@ pub fn randn(rng: &mut ChaCha8Rng, shape: &[usize], dev: &Device) -> Result<Tens
     let v: Vec<f32> = (0..n).map(|_| normal(rng) as f32).collect();
     Tensor::from_vec(v, shape, dev)
 }
+
+/// Standard normal noise of `shape` from `seed` alone.
+pub fn seeded_randn(seed: u64, shape: &[usize], dev: &Device) -> Result<Tensor> {
+    use rand::SeedableRng;
+    randn(&mut ChaCha8Rng::seed_from_u64(seed), shape, dev)
+}

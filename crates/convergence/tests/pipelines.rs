@@ -27,3 +27,24 @@ fn dit_pipeline_matches_diffusers_latents_and_images() {
     assert_close("images", &np, &io["output.images"], 5e-4, 1e-4);
     assert_eq!(np.i(0).unwrap().dims(), &[64, 64, 3]);
 }
+
+#[test]
+fn sd3_pipeline_matches_diffusers_embeddings_latents_and_images() {
+    let io = io("pipe_sd3");
+    let pipe =
+        convergence::pipelines::sd3::SD3Pipeline::load(&fixture("pipe_sd3"), 256, &Device::Cpu).unwrap();
+    let prompts = [
+        "a red fox sitting in the snow, watercolor painting",
+        "A robot holding a sign that says \"Hello\" in a busy street",
+    ];
+    let negatives = ["blurry, low quality", ""];
+    let cond = pipe.encode_prompt(&prompts).unwrap();
+    let uncond = pipe.encode_prompt(&negatives).unwrap();
+    assert_close("prompt_embeds", &cond.tokens, &io["tap.prompt_embeds"], 1e-4, 1e-4);
+    assert_close("pooled", &cond.pooled, &io["tap.pooled_prompt_embeds"], 1e-4, 1e-4);
+    assert_close("negative_prompt_embeds", &uncond.tokens, &io["tap.negative_prompt_embeds"], 1e-4, 1e-4);
+    let latents = pipe.denoise(&io["input.latents"], &cond, &uncond, 3, 4.0).unwrap();
+    assert_close("latents", &latents, &io["output.latents"], 1e-4, 1e-4);
+    let np = ((pipe.decode(&latents).unwrap() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
+    assert_close("images", &np.permute((0, 2, 3, 1)).unwrap(), &io["output.images"], 1e-4, 1e-4);
+}
