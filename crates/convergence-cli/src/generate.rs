@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// `--grid -o grid.png` writes a grid with one row per class; `--num-images N -o DIR` writes N
 /// PNGs named `<class id>_<index>.png` (of `--class`, or spread evenly over all classes).
 ///
-/// Text-to-image (StableDiffusion3Pipeline): `--model DIR "a prompt" -o out.png`.
+/// Text-to-image (StableDiffusion3Pipeline, FluxPipeline): `--model DIR "a prompt" -o out.png`.
 #[derive(clap::Args)]
 pub struct Args {
     /// The prompt (text-to-image pipelines).
@@ -26,9 +26,13 @@ pub struct Args {
     /// Image height in pixels (text-to-image; default 1024).
     #[arg(long)]
     height: Option<usize>,
-    /// T5 tokens (SD3: 256).
-    #[arg(long, default_value_t = 256)]
-    max_sequence_length: usize,
+    /// T5 tokens (default: SD3 256, Flux 512).
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
+    /// Flux: real classifier-free guidance against --negative-prompt (a second model call per
+    /// step); --guidance-scale is then still the distilled guidance.
+    #[arg(long)]
+    true_cfg_scale: Option<f64>,
     /// Start from the `latents` tensor of this safetensors file instead of seeded noise.
     #[arg(long)]
     latents: Option<PathBuf>,
@@ -82,9 +86,10 @@ pub fn run(a: Args) -> Result<()> {
     let dir = a.model.clone().unwrap_or_else(default_model);
     match pipeline_class(&dir)?.as_str() {
         "StableDiffusion3Pipeline" => return run_sd3(&dir, a),
+        "FluxPipeline" => return run_flux(&dir, a),
         "DiTPipeline" => {}
         other => bail!(
-            "{}: pipeline `{other}` is not supported (DiTPipeline, StableDiffusion3Pipeline)",
+            "{}: pipeline `{other}` is not supported (DiTPipeline, StableDiffusion3Pipeline, FluxPipeline)",
             dir.display()
         ),
     }
@@ -144,13 +149,10 @@ fn write_numbered(images: &Tensor, labels: &[u32], dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn run_sd3(dir: &Path, a: Args) -> Result<()> {
-    use convergence::pipelines::sd3::SD3Pipeline;
-    let Some(prompt) = a.prompt.as_deref() else { bail!("text-to-image needs a prompt") };
+/// Checks a text-to-image size against the latent grid (VAE 8 x patch 2).
+fn check_size(a: &Args) -> Result<(usize, usize)> {
     let (w, h) = (a.width.unwrap_or(1024), a.height.unwrap_or(1024));
-    let dev = Device::Cpu;
-    let pipe = SD3Pipeline::load(dir, a.max_sequence_length, &dev)?;
-    let factor = 16; // VAE 8 x patch 2
+    let factor = 16;
     if w % factor != 0 || h % factor != 0 || w == 0 || h == 0 {
         let near = |x: usize| match x % factor {
             0 => x.to_string(),
@@ -162,27 +164,71 @@ fn run_sd3(dir: &Path, a: Args) -> Result<()> {
             near(h)
         );
     }
-    let cond = pipe.encode_prompt(&[prompt])?;
-    let uncond = pipe.encode_prompt(&[a.negative_prompt.as_deref().unwrap_or("")])?;
-    for warning in cond.warnings.iter().chain(&uncond.warnings) {
-        eprintln!("warning: {warning}");
-    }
-    let channels = pipe.vae.config().latent_channels;
-    let noise = match &a.latents {
+    Ok((w, h))
+}
+
+/// The initial noise: `--latents` or seeded.
+fn initial_noise(a: &Args, shape: &[usize]) -> Result<Tensor> {
+    let dev = Device::Cpu;
+    Ok(match &a.latents {
         Some(f) => convergence::weights::read_safetensors(f, &dev)?
             .remove("latents")
             .with_context(|| format!("{}: no tensor named `latents`", f.display()))?,
-        None => convergence::noise::seeded_randn(a.seed, &[1, channels, h / 8, w / 8], &dev)?,
-    };
-    let steps = a.steps.unwrap_or(28);
-    let guidance = a.guidance_scale.unwrap_or(7.0);
-    eprintln!("{}: {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
-    let latents = pipe.denoise(&noise, &cond, &uncond, steps, guidance)?;
+        None => convergence::noise::seeded_randn(a.seed, shape, &dev)?,
+    })
+}
+
+/// Saves `--save-latents` and the decoded PNG.
+fn finish(a: &Args, latents: &Tensor, image: &Tensor) -> Result<()> {
     if let Some(f) = &a.save_latents {
         let t = std::collections::HashMap::from([("latents".to_string(), latents.clone())]);
         convergence::weights::write_safetensors(&t, f)?;
     }
-    save_image(&pipe.decode(&latents)?.get(0)?, &a.out)?;
+    save_image(&image.get(0)?, &a.out)?;
     println!("wrote {}", a.out.display());
     Ok(())
+}
+
+fn warn(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
+fn run_sd3(dir: &Path, a: Args) -> Result<()> {
+    use convergence::pipelines::sd3::SD3Pipeline;
+    let Some(prompt) = a.prompt.as_deref() else { bail!("text-to-image needs a prompt") };
+    let (w, h) = check_size(&a)?;
+    let pipe = SD3Pipeline::load(dir, a.max_sequence_length.unwrap_or(256), &Device::Cpu)?;
+    let cond = pipe.encode_prompt(&[prompt])?;
+    let uncond = pipe.encode_prompt(&[a.negative_prompt.as_deref().unwrap_or("")])?;
+    warn(&cond.warnings);
+    warn(&uncond.warnings);
+    let noise = initial_noise(&a, &[1, pipe.vae.config().latent_channels, h / 8, w / 8])?;
+    let (steps, guidance) = (a.steps.unwrap_or(28), a.guidance_scale.unwrap_or(7.0));
+    eprintln!("{}: {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
+    let latents = pipe.denoise(&noise, &cond, &uncond, steps, guidance)?;
+    finish(&a, &latents, &pipe.decode(&latents)?)
+}
+
+fn run_flux(dir: &Path, a: Args) -> Result<()> {
+    use convergence::models::flux::{pack_latents, unpack_latents};
+    use convergence::pipelines::flux::FluxPipeline;
+    let Some(prompt) = a.prompt.as_deref() else { bail!("text-to-image needs a prompt") };
+    let (w, h) = check_size(&a)?;
+    let pipe = FluxPipeline::load(dir, a.max_sequence_length.unwrap_or(512), &Device::Cpu)?;
+    let cond = pipe.encode_prompt(&[prompt])?;
+    warn(&cond.warnings);
+    let negative = match (a.true_cfg_scale, a.negative_prompt.as_deref()) {
+        (Some(s), Some(n)) if s > 1.0 => Some((pipe.encode_prompt(&[n])?, s)),
+        (Some(s), None) if s > 1.0 => bail!("--true-cfg-scale needs --negative-prompt"),
+        _ => None,
+    };
+    let (c, lh, lw) = (pipe.vae.config().latent_channels, h / 8, w / 8);
+    // Flux pipelines exchange packed latents [1, (h/2)(w/2), 4C], as diffusers' `latents=` does.
+    let noise = unpack_latents(&initial_noise(&a, &[1, (lh / 2) * (lw / 2), 4 * c])?, lh, lw)?;
+    let (steps, guidance) = (a.steps.unwrap_or(28), a.guidance_scale.unwrap_or(3.5));
+    eprintln!("{}: {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
+    let latents = pipe.denoise(&noise, &cond, negative.as_ref().map(|(n, s)| (n, *s)), steps, guidance)?;
+    finish(&a, &pack_latents(&latents)?, &pipe.decode(&latents)?)
 }

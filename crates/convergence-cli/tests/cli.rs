@@ -161,45 +161,55 @@ fn schedule_writes_diffusers_numbers() {
     fails_with(&["schedule", "--config", "/nope.json", "--steps", "4"], &["/nope.json"]);
 }
 
-#[test]
-fn sd3_generate_reproduces_diffusers_final_latents_from_given_noise() {
+/// Runs `generate` on a pipeline fixture from its first initial latent and compares the saved
+/// final latents with diffusers' (`output.latents[0]`).
+fn generate_reproduces(case: &str, prompt: &str, extra: &[&str]) {
     use candle_core::{Device, IndexOp};
     let dev = Device::Cpu;
-    let io = candle_core::safetensors::load(fixtures().join("pipe_sd3/io.safetensors"), &dev).unwrap();
-    let dir = tmp("sd3");
-    let noise = io["input.latents"].i(0..1).unwrap();
+    let io = candle_core::safetensors::load(fixtures().join(case).join("io.safetensors"), &dev).unwrap();
+    let dir = tmp(case);
     let noise_file = dir.join("noise.safetensors");
+    let noise = io["input.latents"].i(0..1).unwrap();
     candle_core::safetensors::save(&std::collections::HashMap::from([("latents", noise)]), &noise_file)
         .unwrap();
     let saved = dir.join("final.safetensors");
-    let model = fixtures().join("pipe_sd3");
-    let (ok, _, err) = run(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "a red fox sitting in the snow, watercolor painting",
-        "--negative-prompt",
-        "blurry, low quality",
-        "--width",
-        "64",
-        "--height",
-        "64",
+    let model = fixtures().join(case);
+    let mut args =
+        vec!["generate", "--model", model.to_str().unwrap(), prompt, "--width", "64", "--height", "64"];
+    args.extend_from_slice(extra);
+    let (noise_s, saved_s, out_s) = (
+        noise_file.to_str().unwrap().to_string(),
+        saved.to_str().unwrap().to_string(),
+        dir.join("out.png").to_str().unwrap().to_string(),
+    );
+    args.extend_from_slice(&[
         "--steps",
         "3",
-        "--guidance-scale",
-        "4",
         "--latents",
-        noise_file.to_str().unwrap(),
+        &noise_s,
         "--save-latents",
-        saved.to_str().unwrap(),
+        &saved_s,
         "-o",
-        dir.join("fox.png").to_str().unwrap(),
+        &out_s,
     ]);
+    let (ok, _, err) = run(&args);
     assert!(ok, "{err}");
     let ours = candle_core::safetensors::load(&saved, &dev).unwrap()["latents"].clone();
     let reference = io["output.latents"].i(0..1).unwrap();
     let diff = (ours - &reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "max diff {diff}");
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "{case}: max diff {diff}");
+}
+
+#[test]
+fn generate_reproduces_diffusers_final_latents_from_given_noise() {
+    let sd3 = ["--negative-prompt", "blurry, low quality", "--guidance-scale", "4"];
+    generate_reproduces("pipe_sd3", "a red fox sitting in the snow, watercolor painting", &sd3);
+    generate_reproduces(
+        "pipe_flux",
+        "a red fox sitting in the snow, watercolor painting",
+        &["--guidance-scale", "3.5"],
+    );
+    let model = fixtures().join("pipe_sd3");
     fails_with(
         &["generate", "--model", model.to_str().unwrap(), "x", "--width", "70", "-o", "x.png"],
         &["70x1024", "64 or 80"],

@@ -5,6 +5,7 @@
 //! to T5's width, then T5's 256 (max_sequence_length) tokens appended along the sequence; the
 //! pooled vector is both CLIPs' projected EOS features side by side.
 
+use super::{component, wrong};
 use crate::error::{Error, Result};
 use crate::flow::{sample, ModelTime, SampleOptions, SamplerKind, Scheduler};
 use crate::models::any::AnyModel;
@@ -13,7 +14,7 @@ use crate::models::text::{ClipTextModel, T5EncoderModel};
 use crate::models::vae::AutoencoderKL;
 use crate::models::Conditioning;
 use crate::text::{ids_tensor, PromptTokenizer, TokenizedPrompt};
-use crate::weights::{load_model, LoadOptions};
+use crate::weights::LoadOptions;
 use candle_core::{Device, Tensor, D};
 use std::path::Path;
 
@@ -34,18 +35,6 @@ pub struct PromptEmbeds {
     pub pooled: Tensor,
     /// Prompts whose text did not fit, with the warning to show.
     pub warnings: Vec<String>,
-}
-
-fn component(dir: &Path, name: &str, opts: &LoadOptions) -> Result<AnyModel> {
-    let path = dir.join(name);
-    if !path.exists() {
-        return Err(Error::config(dir, format!("pipeline component `{name}/` is missing")));
-    }
-    load_model(&path, opts)
-}
-
-fn wrong(dir: &Path, name: &str, expected: &str) -> Error {
-    Error::config(dir.join(name), format!("expected a {expected}"))
 }
 
 impl SD3Pipeline {
