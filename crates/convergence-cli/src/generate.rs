@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use convergence::pipelines::dit::DiTPipeline;
-use convergence::viz::{save_grid, save_image};
+use convergence::viz::{save_grid, save_image, save_image_with_text};
 use std::path::{Path, PathBuf};
 
 /// Generate images with a pipeline directory (model_index.json).
@@ -130,8 +130,16 @@ pub fn run(a: Args) -> Result<()> {
     } else if a.num_images.is_some() {
         write_numbered(&images, &labels, &a.out)?;
     } else {
-        save_image(&images.get(0)?, &a.out)?;
-        println!("wrote {} ({})", a.out.display(), pipe.labels[labels[0] as usize]);
+        let label = pipe.labels[labels[0] as usize].clone();
+        let text = [
+            ("class", label.clone()),
+            ("seed", a.seed.to_string()),
+            ("steps", steps.to_string()),
+            ("guidance_scale", opts.guidance.to_string()),
+            ("model", dir.display().to_string()),
+        ];
+        save_image_with_text(&images.get(0)?, &a.out, &text)?;
+        println!("wrote {} ({label})", a.out.display());
     }
     Ok(())
 }
@@ -178,13 +186,24 @@ fn initial_noise(a: &Args, shape: &[usize]) -> Result<Tensor> {
     })
 }
 
-/// Saves `--save-latents` and the decoded PNG.
-fn finish(a: &Args, latents: &Tensor, image: &Tensor) -> Result<()> {
+/// Saves `--save-latents` and the decoded PNG with the prompt and settings as tEXt metadata.
+fn finish(a: &Args, dir: &Path, steps: usize, guidance: f64, latents: &Tensor, image: &Tensor) -> Result<()> {
     if let Some(f) = &a.save_latents {
         let t = std::collections::HashMap::from([("latents".to_string(), latents.clone())]);
         convergence::weights::write_safetensors(&t, f)?;
     }
-    save_image(&image.get(0)?, &a.out)?;
+    let mut text = vec![
+        ("prompt", a.prompt.clone().unwrap_or_default()),
+        ("negative_prompt", a.negative_prompt.clone().unwrap_or_default()),
+        ("seed", a.seed.to_string()),
+        ("steps", steps.to_string()),
+        ("guidance_scale", guidance.to_string()),
+        ("model", dir.display().to_string()),
+    ];
+    if let Some(s) = a.true_cfg_scale {
+        text.push(("true_cfg_scale", s.to_string()));
+    }
+    save_image_with_text(&image.get(0)?, &a.out, &text)?;
     println!("wrote {}", a.out.display());
     Ok(())
 }
@@ -208,7 +227,7 @@ fn run_sd3(dir: &Path, a: Args) -> Result<()> {
     let (steps, guidance) = (a.steps.unwrap_or(28), a.guidance_scale.unwrap_or(7.0));
     eprintln!("{}: {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
     let latents = pipe.denoise(&noise, &cond, &uncond, steps, guidance)?;
-    finish(&a, &latents, &pipe.decode(&latents)?)
+    finish(&a, dir, steps, guidance, &latents, &pipe.decode(&latents)?)
 }
 
 fn run_flux(dir: &Path, a: Args) -> Result<()> {
@@ -230,5 +249,5 @@ fn run_flux(dir: &Path, a: Args) -> Result<()> {
     let (steps, guidance) = (a.steps.unwrap_or(28), a.guidance_scale.unwrap_or(3.5));
     eprintln!("{}: {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
     let latents = pipe.denoise(&noise, &cond, negative.as_ref().map(|(n, s)| (n, *s)), steps, guidance)?;
-    finish(&a, &pack_latents(&latents)?, &pipe.decode(&latents)?)
+    finish(&a, dir, steps, guidance, &pack_latents(&latents)?, &pipe.decode(&latents)?)
 }

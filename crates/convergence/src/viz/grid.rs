@@ -3,7 +3,6 @@
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
-use image::{ExtendedColorType, ImageFormat};
 use std::path::Path;
 
 /// Padding between and around grid cells, in pixels.
@@ -32,9 +31,38 @@ fn image_dims(t: &Tensor) -> Result<(usize, usize, usize, usize)> {
 
 /// Encodes interleaved (HWC) bytes as a PNG at `path`.
 pub fn write_png(path: &Path, hwc: &[u8], width: usize, height: usize, channels: usize) -> Result<()> {
-    let color = if channels == 1 { ExtendedColorType::L8 } else { ExtendedColorType::Rgb8 };
-    image::save_buffer_with_format(path, hwc, width as u32, height as u32, color, ImageFormat::Png)
-        .map_err(|e| Error::msg(format!("{}: cannot write PNG: {e}", path.display())))
+    write_png_with_text(path, hwc, width, height, channels, &[])
+}
+
+/// [`write_png`] with tEXt chunks (keyword, text): how a generated image records its prompt,
+/// seed and settings. Written to a temporary file and renamed, so a failure leaves no partial PNG.
+pub fn write_png_with_text(
+    path: &Path,
+    hwc: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    text: &[(&str, String)],
+) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| Error::msg(format!("{}: cannot write PNG: {e}", path.display()));
+    let tmp = path.with_extension("png.tmp");
+    let file = std::fs::File::create(&tmp).map_err(|e| fail(&e))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+    enc.set_color(if channels == 1 { png::ColorType::Grayscale } else { png::ColorType::Rgb });
+    enc.set_depth(png::BitDepth::Eight);
+    for (key, value) in text {
+        // tEXt is Latin-1; anything else (a prompt with emoji or CJK) goes in a UTF-8 iTXt chunk.
+        let added = if value.chars().all(|c| (c as u32) < 256) {
+            enc.add_text_chunk(key.to_string(), value.clone())
+        } else {
+            enc.add_itxt_chunk(key.to_string(), value.clone())
+        };
+        added.map_err(|e| fail(&e))?;
+    }
+    let mut writer = enc.write_header().map_err(|e| fail(&e))?;
+    writer.write_image_data(hwc).map_err(|e| fail(&e))?;
+    writer.finish().map_err(|e| fail(&e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Lays an image batch out as a grid of `nrow` images per row; returns (HWC bytes, width, height).
@@ -67,19 +95,40 @@ pub fn save_grid(images: &Tensor, nrow: usize, path: &Path) -> Result<()> {
 
 /// Saves one image [C, H, W] (or [1, C, H, W]) in [-1, 1] as a PNG, without padding.
 pub fn save_image(image: &Tensor, path: &Path) -> Result<()> {
+    save_image_with_text(image, path, &[])
+}
+
+/// [`save_image`] with PNG tEXt metadata.
+pub fn save_image_with_text(image: &Tensor, path: &Path, text: &[(&str, String)]) -> Result<()> {
     let image = if image.rank() == 3 { image.unsqueeze(0)? } else { image.clone() };
     let (n, c, h, w) = image_dims(&image)?;
     if n != 1 {
         return Err(Error::msg(format!("save_image takes one image, got a batch of {n}")));
     }
     let hwc = tensor_to_u8(&image.squeeze(0)?.permute((1, 2, 0))?)?;
-    write_png(path, &hwc, w, h, c)
+    write_png_with_text(path, &hwc, w, h, c, text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn png_text_metadata_round_trips() {
+        let path = std::env::temp_dir().join(format!("conv-text-{}.png", std::process::id()));
+        let img = Tensor::zeros((3, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        save_image_with_text(&img, &path, &[("prompt", "a red fox".into()), ("seed", "7".into())]).unwrap();
+        let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()))
+            .read_info()
+            .unwrap();
+        let info = reader.info();
+        assert_eq!((info.width, info.height), (4, 2));
+        let text: Vec<(String, String)> =
+            info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+        assert_eq!(text, [("prompt".into(), "a red fox".into()), ("seed".into(), "7".into())]);
+        std::fs::remove_file(&path).ok();
+    }
 
     #[test]
     fn to_u8_rounds_and_clamps() {

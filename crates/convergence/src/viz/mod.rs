@@ -6,6 +6,6 @@ pub mod grid;
 pub mod heatmap;
 pub mod plot;
 
-pub use grid::{save_grid, save_image, tensor_to_u8, to_u8};
+pub use grid::{save_grid, save_image, save_image_with_text, tensor_to_u8, to_u8};
 pub use heatmap::{blend, heatmap, save_heatmap, viridis, Backdrop};
 pub use plot::{LinePlot, Series};
