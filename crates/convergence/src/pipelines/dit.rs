@@ -162,11 +162,10 @@ impl DiTPipeline {
 
     /// Latents -> images in [-1, 1] (through the VAE's `z / scaling_factor` for latent models).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let images = match &self.vae {
-            Some(vae) => vae.decode(&vae.from_latent(latents)?)?,
-            None => latents.clone(),
-        };
-        Ok(images.clamp(-1f32, 1f32)?)
+        match &self.vae {
+            Some(vae) => super::decode_latents(vae, latents),
+            None => Ok(latents.clamp(-1f32, 1f32)?),
+        }
     }
 
     /// Sampling options from the defaults, overridden where given.

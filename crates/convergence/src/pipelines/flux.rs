@@ -3,7 +3,7 @@
 //! distilled (an input of the model, FLUX.1-dev); `true_cfg_scale` > 1 with a negative prompt
 //! adds real classifier-free guidance.
 
-use super::{component, wrong};
+use super::{component, decode_latents, tokenize, wrong};
 use crate::error::Result;
 use crate::flow::{sample, ModelTime, SampleOptions, SamplerKind, Scheduler};
 use crate::models::any::AnyModel;
@@ -11,7 +11,7 @@ use crate::models::flux::FluxTransformer2DModel;
 use crate::models::text::{ClipTextModel, T5EncoderModel};
 use crate::models::vae::AutoencoderKL;
 use crate::models::Conditioning;
-use crate::text::{ids_tensor, PromptTokenizer, TokenizedPrompt};
+use crate::text::PromptTokenizer;
 use crate::weights::LoadOptions;
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -56,19 +56,16 @@ impl FluxPipeline {
         Ok(FluxPipeline { tokenizers, clip, t5, transformer, vae, scheduler, device: dev.clone() })
     }
 
-    fn tokenize(&self, which: usize, prompts: &[&str], warnings: &mut Vec<String>) -> Result<Tensor> {
-        let toks = prompts
-            .iter()
-            .map(|p| self.tokenizers[which].encode(p))
-            .collect::<Result<Vec<TokenizedPrompt>>>()?;
-        warnings.extend(toks.iter().filter_map(|t| t.truncation.as_ref().map(|w| w.to_string())));
-        ids_tensor(&toks, &self.device)
-    }
-
     pub fn encode_prompt(&self, prompts: &[&str]) -> Result<FluxPrompt> {
         let mut warnings = vec![];
-        let pooled = self.clip.forward(&self.tokenize(0, prompts, &mut warnings)?)?.pooler_output;
-        let tokens = self.t5.forward(&self.tokenize(1, prompts, &mut warnings)?)?.last_hidden_state;
+        let pooled = self
+            .clip
+            .forward(&tokenize(&self.tokenizers[0], prompts, &self.device, &mut warnings)?)?
+            .pooler_output;
+        let tokens = self
+            .t5
+            .forward(&tokenize(&self.tokenizers[1], prompts, &self.device, &mut warnings)?)?
+            .last_hidden_state;
         Ok(FluxPrompt { tokens, pooled, warnings })
     }
 
@@ -101,6 +98,6 @@ impl FluxPipeline {
 
     /// Final unpacked latents -> images in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(self.vae.decode(&self.vae.from_latent(latents)?)?.clamp(-1f32, 1f32)?)
+        decode_latents(&self.vae, latents)
     }
 }

@@ -5,7 +5,7 @@
 //! to T5's width, then T5's 256 (max_sequence_length) tokens appended along the sequence; the
 //! pooled vector is both CLIPs' projected EOS features side by side.
 
-use super::{component, wrong};
+use super::{component, decode_latents, tokenize, wrong};
 use crate::error::{Error, Result};
 use crate::flow::{sample, ModelTime, SampleOptions, SamplerKind, Scheduler};
 use crate::models::any::AnyModel;
@@ -13,7 +13,7 @@ use crate::models::sd3::SD3Transformer2DModel;
 use crate::models::text::{ClipTextModel, T5EncoderModel};
 use crate::models::vae::AutoencoderKL;
 use crate::models::Conditioning;
-use crate::text::{ids_tensor, PromptTokenizer, TokenizedPrompt};
+use crate::text::PromptTokenizer;
 use crate::weights::LoadOptions;
 use candle_core::{Device, Tensor, D};
 use std::path::Path;
@@ -63,21 +63,15 @@ impl SD3Pipeline {
         Ok(SD3Pipeline { tokenizers, clip_l, clip_g, t5, transformer, vae, scheduler, device: dev.clone() })
     }
 
-    fn tokenize(&self, which: usize, prompts: &[&str], warnings: &mut Vec<String>) -> Result<Tensor> {
-        let toks = prompts
-            .iter()
-            .map(|p| self.tokenizers[which].encode(p))
-            .collect::<Result<Vec<TokenizedPrompt>>>()?;
-        warnings.extend(toks.iter().filter_map(|t| t.truncation.as_ref().map(|w| w.to_string())));
-        ids_tensor(&toks, &self.device)
-    }
-
     /// `encode_prompt` of the diffusers pipeline.
     pub fn encode_prompt(&self, prompts: &[&str]) -> Result<PromptEmbeds> {
         let mut warnings = vec![];
-        let l = self.clip_l.forward(&self.tokenize(0, prompts, &mut warnings)?)?;
-        let g = self.clip_g.forward(&self.tokenize(1, prompts, &mut warnings)?)?;
-        let t5 = self.t5.forward(&self.tokenize(2, prompts, &mut warnings)?)?.last_hidden_state;
+        let l = self.clip_l.forward(&tokenize(&self.tokenizers[0], prompts, &self.device, &mut warnings)?)?;
+        let g = self.clip_g.forward(&tokenize(&self.tokenizers[1], prompts, &self.device, &mut warnings)?)?;
+        let t5 = self
+            .t5
+            .forward(&tokenize(&self.tokenizers[2], prompts, &self.device, &mut warnings)?)?
+            .last_hidden_state;
         let clip = Tensor::cat(&[l.penultimate(), g.penultimate()], D::Minus1)?;
         let pad = t5.dim(D::Minus1)?.saturating_sub(clip.dim(D::Minus1)?);
         let tokens = Tensor::cat(&[&clip.pad_with_zeros(D::Minus1, 0, pad)?, &t5], 1)?;
@@ -114,6 +108,6 @@ impl SD3Pipeline {
 
     /// Final latents -> images in [-1, 1] (`latents / scaling_factor + shift_factor`, decode).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(self.vae.decode(&self.vae.from_latent(latents)?)?.clamp(-1f32, 1f32)?)
+        decode_latents(&self.vae, latents)
     }
 }
