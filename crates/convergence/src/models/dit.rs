@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 use crate::models::{Conditioning, Denoiser, Prediction};
 use crate::nn::adaln::{chunks, gated_residual, modulate};
 use crate::nn::{
-    layer_norm, linear, patchify, sincos_2d, timestep_embedding, unpatchify, Attention, FeedForward, Init,
-    LabelEmbedding, Linear, PatchOrder, Sinusoid, TimestepEmbedding,
+    layer_norm, linear, sincos_2d, timestep_embedding, unpatchify, Attention, FeedForward, Init,
+    LabelEmbedding, Linear, PatchEmbed, PatchOrder, Sinusoid, TimestepEmbedding,
 };
 use crate::weights::{ParamList, ShapeRecorder};
 use candle_core::{DType, Module, Tensor};
@@ -264,7 +264,7 @@ pub struct DiT {
     cfg: DiTConfig,
     numerics: Numerics,
     prediction: Prediction,
-    patch_embed: Linear,
+    patch_embed: PatchEmbed,
     /// The native-resolution position table (stored in official checkpoints, computed otherwise).
     pos_table: Tensor,
     transformer_blocks: Vec<DiTBlock>,
@@ -280,9 +280,7 @@ impl DiT {
         let (d, p, c) = (cfg.hidden(), cfg.patch_size, cfg.in_channels);
         let grid = cfg.sample_size / p;
         let pe = vb.pp("pos_embed");
-        let conv_w = pe.get_with_hints((d, c, p, p), "proj.weight", xavier_or(init, c * p * p, d))?;
-        let conv_b = pe.get_with_hints(d, "proj.bias", candle_nn::Init::Const(0.0))?;
-        let patch_embed = Linear::new(conv_w.reshape((d, c * p * p))?, Some(conv_b));
+        let patch_embed = PatchEmbed::new(&pe.pp("proj"), c, d, p, init)?;
         let pos_table = if pe.contains_tensor("pos_embed") {
             pe.get((1, grid * grid, d), "pos_embed")?.squeeze(0)?
         } else {
@@ -353,7 +351,7 @@ impl DiT {
         let (gh, gw) = (h / p, w / p);
         let t = if t.rank() == 0 { t.broadcast_as(b)? } else { t.clone() };
         let labels = if labels.rank() == 0 { labels.broadcast_as(b)? } else { labels.clone() };
-        let tokens = self.patch_embed.forward(&patchify(x, p, PatchOrder::ChannelFirst)?)?;
+        let tokens = self.patch_embed.forward(x)?;
         let mut x = tokens.broadcast_add(&self.pos_embed(gh, gw)?.unsqueeze(0)?)?;
         let t_freq = self.time_freq(&t)?;
         for block in &self.transformer_blocks {
@@ -370,14 +368,6 @@ impl DiT {
         let x = self.proj_out_2.forward(&x)?;
         unpatchify(&x, gh, gw, p, PatchOrder::ChannelLast)
     }
-}
-
-fn xavier_or(init: Init, fan_in: usize, fan_out: usize) -> candle_nn::Init {
-    let bound = match init {
-        Init::XavierUniform => (6.0 / (fan_in + fan_out) as f64).sqrt(),
-        _ => 1.0 / (fan_in as f64).sqrt(),
-    };
-    candle_nn::Init::Uniform { lo: -bound, up: bound }
 }
 
 impl Denoiser for DiT {
