@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 /// `--grid -o grid.png` writes a grid with one row per class; `--num-images N -o DIR` writes N
 /// PNGs named `<class id>_<index>.png` (of `--class`, or spread evenly over all classes).
 ///
-/// Text-to-image (StableDiffusion3Pipeline, FluxPipeline): `--model DIR "a prompt" -o out.png`.
+/// Text-to-image (StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline):
+/// `--model DIR "a prompt" -o out.png`. SDXL with its refiner as an ensemble of experts:
+/// `--model BASE --refiner REFINER --denoising-end 0.8 "a prompt" -o out.png`.
 #[derive(clap::Args)]
 pub struct Args {
     /// The prompt (text-to-image pipelines).
@@ -39,6 +41,34 @@ pub struct Args {
     /// Also write the final latents (`latents`) to this safetensors file.
     #[arg(long)]
     save_latents: Option<PathBuf>,
+    /// SDXL micro-conditioning: the original image size H,W (default: the output size).
+    #[arg(long, value_parser = parse_pair, value_name = "H,W")]
+    original_size: Option<(usize, usize)>,
+    /// SDXL micro-conditioning: the crop's top-left corner T,L (default 0,0).
+    #[arg(long, value_parser = parse_pair, value_name = "T,L")]
+    crops_coords_top_left: Option<(usize, usize)>,
+    /// SDXL micro-conditioning: the target size H,W (default: the output size).
+    #[arg(long, value_parser = parse_pair, value_name = "H,W")]
+    target_size: Option<(usize, usize)>,
+    /// SDXL refiner: the aesthetic score to condition on (default 6).
+    #[arg(long)]
+    aesthetic_score: Option<f64>,
+    /// SDXL refiner: the aesthetic score of the negative branch (default 2.5).
+    #[arg(long)]
+    negative_aesthetic_score: Option<f64>,
+    /// SDXL: a refiner pipeline directory that finishes the image from --denoising-end.
+    #[arg(long, value_name = "DIR")]
+    refiner: Option<PathBuf>,
+    /// SDXL: stop the base at this fraction of the schedule (0..1), e.g. 0.8 with --refiner.
+    #[arg(long)]
+    denoising_end: Option<f64>,
+    /// SDXL img2img: continue from the `latents` tensor of this safetensors file (the output
+    /// of a run with --denoising-end and --save-latents) ...
+    #[arg(long, value_name = "FILE")]
+    image_latents: Option<PathBuf>,
+    /// ... starting at this fraction of the schedule (0..1).
+    #[arg(long)]
+    denoising_start: Option<f64>,
     /// Model directory with model_index.json (default: the shipped Fashion-MNIST DiT).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -87,9 +117,11 @@ pub fn run(a: Args) -> Result<()> {
     match pipeline_class(&dir)?.as_str() {
         "StableDiffusion3Pipeline" => return run_sd3(&dir, a),
         "FluxPipeline" => return run_flux(&dir, a),
+        "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => return run_sdxl(&dir, a),
         "DiTPipeline" => {}
         other => bail!(
-            "{}: pipeline `{other}` is not supported (DiTPipeline, StableDiffusion3Pipeline, FluxPipeline)",
+            "{}: pipeline `{other}` is not supported (DiTPipeline, StableDiffusionXLPipeline, \
+             StableDiffusionXLImg2ImgPipeline, StableDiffusion3Pipeline, FluxPipeline)",
             dir.display()
         ),
     }
@@ -157,33 +189,65 @@ fn write_numbered(images: &Tensor, labels: &[u32], dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Checks a text-to-image size against the latent grid (VAE 8 x patch 2).
-fn check_size(a: &Args) -> Result<(usize, usize)> {
-    let (w, h) = (a.width.unwrap_or(1024), a.height.unwrap_or(1024));
-    let factor = 16;
+/// Checks a text-to-image size (default `default` x `default`) against the latent grid: VAE 8
+/// x patch 2 for the transformers, VAE 8 for the UNet.
+fn check_size(a: &Args, factor: usize, default: usize, why: &str) -> Result<(usize, usize)> {
+    let (w, h) = (a.width.unwrap_or(default), a.height.unwrap_or(default));
     if w % factor != 0 || h % factor != 0 || w == 0 || h == 0 {
         let near = |x: usize| match x % factor {
             0 => x.to_string(),
             _ => format!("{} or {}", (x / factor).max(1) * factor, (x / factor + 1) * factor),
         };
-        bail!(
-            "{w}x{h} is not a multiple of {factor} (VAE factor 8 x patch 2): try width {} and height {}",
-            near(w),
-            near(h)
-        );
+        bail!("{w}x{h} is not a multiple of {factor} ({why}): try width {} and height {}", near(w), near(h));
     }
     Ok((w, h))
 }
 
+/// The transformers' latent grid: VAE factor 8 x patch 2.
+fn check_transformer_size(a: &Args) -> Result<(usize, usize)> {
+    check_size(a, 16, 1024, "VAE factor 8 x patch 2")
+}
+
+/// A progress bar over sampling steps, for `denoise`'s `on_step(done, total)`.
+fn progress_bar() -> impl FnMut(usize, usize) {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {per_sec} ETA {eta}")
+            .expect("a valid template"),
+    );
+    move |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        if done == total {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Parses "A,B" (sizes and coordinates).
+fn parse_pair(s: &str) -> std::result::Result<(usize, usize), String> {
+    let err = || format!("expected two whole numbers as A,B (e.g. 1024,1024), got `{s}`");
+    let (a, b) = s.split_once(',').ok_or_else(err)?;
+    Ok((a.trim().parse().map_err(|_| err())?, b.trim().parse().map_err(|_| err())?))
+}
+
 /// The initial noise: `--latents` or seeded.
 fn initial_noise(a: &Args, shape: &[usize]) -> Result<Tensor> {
-    let dev = Device::Cpu;
-    Ok(match &a.latents {
-        Some(f) => convergence::weights::read_safetensors(f, &dev)?
-            .remove("latents")
-            .with_context(|| format!("{}: no tensor named `latents`", f.display()))?,
-        None => convergence::noise::seeded_randn(a.seed, shape, &dev)?,
-    })
+    match &a.latents {
+        Some(f) => read_latents(f, shape),
+        None => Ok(convergence::noise::seeded_randn(a.seed, shape, &Device::Cpu)?),
+    }
+}
+
+/// The `latents` tensor of a safetensors file, checked against the expected shape.
+fn read_latents(f: &Path, shape: &[usize]) -> Result<Tensor> {
+    let t = convergence::weights::read_safetensors(f, &Device::Cpu)?
+        .remove("latents")
+        .with_context(|| format!("{}: no tensor named `latents`", f.display()))?;
+    if t.dims() != shape {
+        bail!("{}: `latents` has shape {:?}, this run needs {shape:?}", f.display(), t.dims());
+    }
+    Ok(t.to_dtype(candle_core::DType::F32)?)
 }
 
 /// Saves `--save-latents` and the decoded PNG with the prompt and settings as tEXt metadata.
@@ -217,7 +281,7 @@ fn warn(warnings: &[String]) {
 fn run_sd3(dir: &Path, a: Args) -> Result<()> {
     use convergence::pipelines::sd3::SD3Pipeline;
     let Some(prompt) = a.prompt.as_deref() else { bail!("text-to-image needs a prompt") };
-    let (w, h) = check_size(&a)?;
+    let (w, h) = check_transformer_size(&a)?;
     let pipe = SD3Pipeline::load(dir, a.max_sequence_length.unwrap_or(256), &Device::Cpu)?;
     let cond = pipe.encode_prompt(&[prompt])?;
     let uncond = pipe.encode_prompt(&[a.negative_prompt.as_deref().unwrap_or("")])?;
@@ -226,7 +290,7 @@ fn run_sd3(dir: &Path, a: Args) -> Result<()> {
     let noise = initial_noise(&a, &[1, pipe.vae.config().latent_channels, h / 8, w / 8])?;
     let (steps, guidance) = (a.steps.unwrap_or(28), a.guidance_scale.unwrap_or(7.0));
     eprintln!("{}: {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
-    let latents = pipe.denoise(&noise, &cond, &uncond, steps, guidance)?;
+    let latents = pipe.denoise(&noise, &cond, &uncond, steps, guidance, progress_bar())?;
     finish(&a, dir, steps, guidance, &latents, &pipe.decode(&latents)?)
 }
 
@@ -234,7 +298,7 @@ fn run_flux(dir: &Path, a: Args) -> Result<()> {
     use convergence::models::flux::{pack_latents, unpack_latents};
     use convergence::pipelines::flux::FluxPipeline;
     let Some(prompt) = a.prompt.as_deref() else { bail!("text-to-image needs a prompt") };
-    let (w, h) = check_size(&a)?;
+    let (w, h) = check_transformer_size(&a)?;
     let pipe = FluxPipeline::load(dir, a.max_sequence_length.unwrap_or(512), &Device::Cpu)?;
     let cond = pipe.encode_prompt(&[prompt])?;
     warn(&cond.warnings);
@@ -248,6 +312,67 @@ fn run_flux(dir: &Path, a: Args) -> Result<()> {
     let noise = unpack_latents(&initial_noise(&a, &[1, (lh / 2) * (lw / 2), 4 * c])?, lh, lw)?;
     let (steps, guidance) = (a.steps.unwrap_or(28), a.guidance_scale.unwrap_or(3.5));
     eprintln!("{}: {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
-    let latents = pipe.denoise(&noise, &cond, negative.as_ref().map(|(n, s)| (n, *s)), steps, guidance)?;
+    let negative = negative.as_ref().map(|(n, s)| (n, *s));
+    let latents = pipe.denoise(&noise, &cond, negative, steps, guidance, progress_bar())?;
     finish(&a, dir, steps, guidance, &pack_latents(&latents)?, &pipe.decode(&latents)?)
+}
+
+fn run_sdxl(dir: &Path, a: Args) -> Result<()> {
+    use convergence::pipelines::sdxl::{DenoiseOptions, Portion, SDXLPipeline};
+    let Some(prompt) = a.prompt.as_deref() else { bail!("text-to-image needs a prompt") };
+    let portion = match (a.denoising_end, a.denoising_start, &a.image_latents) {
+        (Some(_), Some(_), _) => bail!("give --denoising-end or --denoising-start, not both"),
+        (_, Some(_), None) => bail!("--denoising-start needs --image-latents FILE to start from"),
+        (_, None, Some(_)) => bail!("--image-latents needs --denoising-start (the fraction they stopped at)"),
+        (None, None, None) if a.refiner.is_some() => bail!("--refiner needs --denoising-end (e.g. 0.8)"),
+        (Some(end), None, _) => Portion::Until(end),
+        (None, Some(start), _) => Portion::From(start),
+        (None, None, None) => Portion::All,
+    };
+    let unet: serde_json::Value = convergence::weights::read_json(&dir.join("unet/config.json"))?;
+    let default = unet.get("sample_size").and_then(|s| s.as_u64()).unwrap_or(128) as usize * 8;
+    let (w, h) = check_size(&a, 8, default, "the VAE factor")?;
+    let micro = micro_conditioning(&a, h, w);
+    let opts =
+        DenoiseOptions { steps: a.steps.unwrap_or(50), guidance: a.guidance_scale.unwrap_or(5.0), portion };
+    let negative = a.negative_prompt.as_deref().map(|n| vec![n]);
+    // Each expert is loaded, run and dropped in turn, so only one is in memory.
+    let run = |dir: &Path, start: &Tensor, opts: &DenoiseOptions| -> Result<(Tensor, Tensor)> {
+        let pipe = SDXLPipeline::load(dir, &Device::Cpu)?;
+        let cond = pipe.encode_prompt(&[prompt])?;
+        let uncond = pipe.encode_negative(negative.as_deref(), &cond)?;
+        warn(&cond.warnings);
+        warn(&uncond.warnings);
+        eprintln!(
+            "{}: {:?} of {} steps, guidance {}, seed {}",
+            dir.display(),
+            opts.portion,
+            opts.steps,
+            opts.guidance,
+            a.seed
+        );
+        let latents = pipe.denoise(start, &cond, &uncond, &micro, opts, progress_bar())?;
+        Ok((pipe.decode(&latents)?, latents))
+    };
+    let shape = [1, 4, h / 8, w / 8];
+    let start = match &a.image_latents {
+        Some(f) => read_latents(f, &shape)?,
+        None => initial_noise(&a, &shape)?,
+    };
+    let (mut image, mut latents) = run(dir, &start, &opts)?;
+    if let (Some(refiner), Portion::Until(end)) = (&a.refiner, portion) {
+        (image, latents) = run(refiner, &latents, &DenoiseOptions { portion: Portion::From(end), ..opts })?;
+    }
+    finish(&a, dir, opts.steps, opts.guidance, &latents, &image)
+}
+
+/// SDXL's micro-conditioning from the flags, with diffusers' defaults for an H x W image.
+fn micro_conditioning(a: &Args, h: usize, w: usize) -> convergence::pipelines::sdxl::MicroConditioning {
+    let mut m = convergence::pipelines::sdxl::MicroConditioning::new(h, w);
+    m.original_size = a.original_size.unwrap_or(m.original_size);
+    m.crops_coords_top_left = a.crops_coords_top_left.unwrap_or(m.crops_coords_top_left);
+    m.target_size = a.target_size.unwrap_or(m.target_size);
+    m.aesthetic_score = a.aesthetic_score.unwrap_or(m.aesthetic_score);
+    m.negative_aesthetic_score = a.negative_aesthetic_score.unwrap_or(m.negative_aesthetic_score);
+    m
 }

@@ -162,12 +162,15 @@ fn schedule_writes_diffusers_numbers() {
 }
 
 /// Runs `generate` on a pipeline fixture from its first initial latent and compares the saved
-/// final latents with diffusers' (`output.latents[0]`).
-fn generate_reproduces(case: &str, prompt: &str, extra: &[&str]) {
+/// final latents and the PNG with diffusers' (`output.latents[0]`, `output.images[0]` of
+/// `expected`, the fixture that holds the run's end: the refiner's for an ensemble).
+fn generate_reproduces(case: &str, expected: &str, prompt: &str, extra: &[&str]) {
     use candle_core::{Device, IndexOp};
     let dev = Device::Cpu;
-    let io = candle_core::safetensors::load(fixtures().join(case).join("io.safetensors"), &dev).unwrap();
-    let dir = tmp(case);
+    let load =
+        |c: &str| candle_core::safetensors::load(fixtures().join(c).join("io.safetensors"), &dev).unwrap();
+    let (io, reference) = (load(case), load(expected));
+    let dir = tmp(&format!("{case}-{}", extra.len()));
     let noise_file = dir.join("noise.safetensors");
     let noise = io["input.latents"].i(0..1).unwrap();
     candle_core::safetensors::save(&std::collections::HashMap::from([("latents", noise)]), &noise_file)
@@ -182,36 +185,54 @@ fn generate_reproduces(case: &str, prompt: &str, extra: &[&str]) {
         saved.to_str().unwrap().to_string(),
         dir.join("out.png").to_str().unwrap().to_string(),
     );
-    args.extend_from_slice(&[
-        "--steps",
-        "3",
-        "--latents",
-        &noise_s,
-        "--save-latents",
-        &saved_s,
-        "-o",
-        &out_s,
-    ]);
+    args.extend_from_slice(&["--latents", &noise_s, "--save-latents", &saved_s, "-o", &out_s]);
+    if !extra.contains(&"--steps") {
+        args.extend_from_slice(&["--steps", "3"]);
+    }
     let (ok, _, err) = run(&args);
     assert!(ok, "{err}");
     let ours = candle_core::safetensors::load(&saved, &dev).unwrap()["latents"].clone();
-    let reference = io["output.latents"].i(0..1).unwrap();
-    let diff = (ours - &reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "{case}: max diff {diff}");
+    let diff = (ours - reference["output.latents"].i(0..1).unwrap()).unwrap().abs().unwrap();
+    let diff = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 2e-4, "{case}: latents max diff {diff}");
+    // The PNG within one 8-bit level of diffusers' image (float in [0, 1], HWC).
+    let png = image::open(&out_s).unwrap().to_rgb8();
+    let want = reference["output.images"].i(0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let worst =
+        png.as_raw().iter().zip(&want).map(|(&p, &w)| (p as f32 - w * 255.0).abs()).fold(0f32, f32::max);
+    assert!(worst <= 1.0, "{case}: PNG differs by {worst} levels");
 }
 
 #[test]
 fn generate_reproduces_diffusers_final_latents_from_given_noise() {
+    let fox = "a red fox sitting in the snow, watercolor painting";
     let sd3 = ["--negative-prompt", "blurry, low quality", "--guidance-scale", "4"];
-    generate_reproduces("pipe_sd3", "a red fox sitting in the snow, watercolor painting", &sd3);
-    generate_reproduces(
-        "pipe_flux",
-        "a red fox sitting in the snow, watercolor painting",
-        &["--guidance-scale", "3.5"],
-    );
+    generate_reproduces("pipe_sd3", "pipe_sd3", fox, &sd3);
+    generate_reproduces("pipe_flux", "pipe_flux", fox, &["--guidance-scale", "3.5"]);
     let model = fixtures().join("pipe_sd3");
     fails_with(
         &["generate", "--model", model.to_str().unwrap(), "x", "--width", "70", "-o", "x.png"],
         &["70x1024", "64 or 80"],
     );
+}
+
+#[test]
+fn generate_reproduces_sdxl_and_the_ensemble_of_experts() {
+    let fox = "a red fox sitting in the snow, watercolor painting";
+    let micro = ["--original-size", "96,128", "--crops-coords-top-left", "4,8", "--target-size", "64,64"];
+    let mut sdxl = vec!["--negative-prompt", "blurry, low quality", "--guidance-scale", "5"];
+    sdxl.extend_from_slice(&micro);
+    generate_reproduces("pipe_sdxl", "pipe_sdxl", fox, &sdxl);
+    let refiner = fixtures().join("pipe_sdxl_refiner");
+    let refiner = refiner.to_str().unwrap();
+    sdxl.extend_from_slice(&["--steps", "6", "--refiner", refiner, "--denoising-end", "0.8"]);
+    generate_reproduces("pipe_sdxl", "pipe_sdxl_refiner", fox, &sdxl);
+    let base = fixtures().join("pipe_sdxl");
+    let base = base.to_str().unwrap();
+    fails_with(&["generate", "--model", base, "x", "--width", "60", "-o", "x.png"], &["60x64", "56 or 64"]);
+    fails_with(
+        &["generate", "--model", base, "x", "--refiner", refiner, "-o", "x.png"],
+        &["--denoising-end"],
+    );
+    fails_with(&["generate", "--model", base, "x", "--original-size", "96", "-o", "x.png"], &["A,B"]);
 }

@@ -6,6 +6,7 @@ use candle_core::{Device, IndexOp};
 use common::{assert_close, fixture, io};
 use convergence::flow::SamplerKind;
 use convergence::pipelines::dit::DiTPipeline;
+use convergence::pipelines::sdxl::{DenoiseOptions, MicroConditioning, Portion, SDXLPipeline};
 
 #[test]
 fn dit_pipeline_matches_diffusers_latents_and_images() {
@@ -43,7 +44,7 @@ fn sd3_pipeline_matches_diffusers_embeddings_latents_and_images() {
     assert_close("prompt_embeds", &cond.tokens, &io["tap.prompt_embeds"], 1e-4, 1e-4);
     assert_close("pooled", &cond.pooled, &io["tap.pooled_prompt_embeds"], 1e-4, 1e-4);
     assert_close("negative_prompt_embeds", &uncond.tokens, &io["tap.negative_prompt_embeds"], 1e-4, 1e-4);
-    let latents = pipe.denoise(&io["input.latents"], &cond, &uncond, 3, 4.0).unwrap();
+    let latents = pipe.denoise(&io["input.latents"], &cond, &uncond, 3, 4.0, |_, _| {}).unwrap();
     assert_close("latents", &latents, &io["output.latents"], 1e-4, 1e-4);
     let np = ((pipe.decode(&latents).unwrap() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
     assert_close("images", &np.permute((0, 2, 3, 1)).unwrap(), &io["output.images"], 1e-4, 1e-4);
@@ -63,14 +64,15 @@ fn flux_pipeline_matches_diffusers_with_distilled_and_true_cfg() {
     assert_close("prompt_embeds", &prompt.tokens, &io["tap.prompt_embeds"], 1e-4, 1e-4);
     assert_close("pooled", &prompt.pooled, &io["tap.pooled_prompt_embeds"], 1e-4, 1e-4);
     let noise = unpack_latents(&io["input.latents"], 8, 8).unwrap();
-    let latents = pipe.denoise(&noise, &prompt, None, 3, 3.5).unwrap();
+    let latents = pipe.denoise(&noise, &prompt, None, 3, 3.5, |_, _| {}).unwrap();
     assert_close("latents", &pack_latents(&latents).unwrap(), &io["output.latents"], 1e-4, 1e-4);
     let np = ((pipe.decode(&latents).unwrap() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
     assert_close("images", &np.permute((0, 2, 3, 1)).unwrap(), &io["output.images"], 1e-4, 1e-4);
     let negative = pipe.encode_prompt(&["blurry, low quality", "text"]).unwrap();
     let n_steps = io["tap.truecfg.latents_per_step"].dim(0).unwrap();
     let true_cfg = io_scale("pipe_flux");
-    let latents = pipe.denoise(&noise, &prompt, Some((&negative, true_cfg)), n_steps, 3.5).unwrap();
+    let latents =
+        pipe.denoise(&noise, &prompt, Some((&negative, true_cfg)), n_steps, 3.5, |_, _| {}).unwrap();
     assert_close("true cfg", &pack_latents(&latents).unwrap(), &io["output.truecfg.latents"], 1e-4, 1e-4);
 }
 
@@ -88,4 +90,102 @@ fn io_scale(case: &str) -> f64 {
         }
     }
     find(&v).expect("true_cfg_scale in case.json")
+}
+
+const SDXL_PROMPTS: [&str; 2] = [
+    "a red fox sitting in the snow, watercolor painting",
+    "A futuristic city skyline at night with neon lights, 4k digital art!",
+];
+const SDXL_NEGATIVES: [&str; 2] = ["blurry, low quality", "ugly, deformed, watermark"];
+
+/// The fixtures' micro-conditioning: original (96, 128), crop (4, 8), target (64, 64).
+fn sdxl_micro() -> MicroConditioning {
+    let mut m = MicroConditioning::new(64, 64);
+    m.original_size = (96, 128);
+    m.crops_coords_top_left = (4, 8);
+    m
+}
+
+/// The fixtures' main run: 3 steps, guidance 5.
+fn all3() -> DenoiseOptions {
+    DenoiseOptions { steps: 3, guidance: 5.0, portion: Portion::All }
+}
+
+/// The fixtures' ensemble: 6 steps, guidance 5, the hand-off at 0.8.
+fn expert(portion: Portion) -> DenoiseOptions {
+    DenoiseOptions { steps: 6, guidance: 5.0, portion }
+}
+
+#[test]
+fn sdxl_pipeline_matches_diffusers_embeddings_time_ids_latents_and_images() {
+    let io = io("pipe_sdxl");
+    let pipe = SDXLPipeline::load(&fixture("pipe_sdxl"), &Device::Cpu).unwrap();
+    assert_eq!(pipe.default_size(), 64);
+    let cond = pipe.encode_prompt(&SDXL_PROMPTS).unwrap();
+    let uncond = pipe.encode_negative(Some(&SDXL_NEGATIVES), &cond).unwrap();
+    assert_close("prompt_embeds", &cond.tokens, &io["tap.prompt_embeds"], 1e-4, 1e-4);
+    assert_close("pooled", &cond.pooled, &io["tap.pooled_prompt_embeds"], 1e-4, 1e-4);
+    assert_close("negative_prompt_embeds", &uncond.tokens, &io["tap.negative_prompt_embeds"], 1e-4, 1e-4);
+    assert_close("negative_pooled", &uncond.pooled, &io["tap.negative_pooled_prompt_embeds"], 1e-4, 1e-4);
+    let (pos, neg) = pipe.time_ids(&sdxl_micro(), 2).unwrap();
+    let ids = candle_core::Tensor::cat(&[neg, pos], 0).unwrap();
+    assert_close("time ids", &ids, &io["tap.unet.added_time_ids"], 0.0, 0.0);
+    let latents =
+        pipe.denoise(&io["input.latents"], &cond, &uncond, &sdxl_micro(), &all3(), |_, _| {}).unwrap();
+    assert_close("latents", &latents, &io["output.latents"], 2e-4, 1e-4);
+    let np = ((pipe.decode(&latents).unwrap() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
+    assert_close("images", &np.permute((0, 2, 3, 1)).unwrap(), &io["output.images"], 2e-4, 1e-4);
+
+    // No negative prompt: force_zeros_for_empty_prompt guides against zero embeddings.
+    let zeros = pipe.encode_negative(None, &cond).unwrap();
+    assert_eq!(zeros.tokens.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    let latents =
+        pipe.denoise(&io["input.latents"], &cond, &zeros, &sdxl_micro(), &all3(), |_, _| {}).unwrap();
+    assert_close("noneg latents", &latents, &io["output.noneg.latents"], 2e-4, 1e-4);
+}
+
+#[test]
+fn sdxl_base_and_refiner_run_as_an_ensemble_of_experts() {
+    let (base_io, refiner_io) = (io("pipe_sdxl"), io("pipe_sdxl_refiner"));
+    let base = SDXLPipeline::load(&fixture("pipe_sdxl"), &Device::Cpu).unwrap();
+    let cond = base.encode_prompt(&SDXL_PROMPTS).unwrap();
+    let uncond = base.encode_negative(Some(&SDXL_NEGATIVES), &cond).unwrap();
+    let micro = sdxl_micro();
+    let handoff = base
+        .denoise(&base_io["input.latents"], &cond, &uncond, &micro, &expert(Portion::Until(0.8)), |_, _| {})
+        .unwrap();
+    assert_close("base latents", &handoff, &base_io["output.ensemble.base_latents"], 2e-4, 1e-4);
+
+    let refiner = SDXLPipeline::load(&fixture("pipe_sdxl_refiner"), &Device::Cpu).unwrap();
+    assert!(refiner.flags.requires_aesthetics_score && !refiner.flags.force_zeros_for_empty_prompt);
+    let cond = refiner.encode_prompt(&SDXL_PROMPTS).unwrap();
+    let uncond = refiner.encode_negative(Some(&SDXL_NEGATIVES), &cond).unwrap();
+    assert_close("refiner prompt_embeds", &cond.tokens, &refiner_io["tap.prompt_embeds"], 1e-4, 1e-4);
+    let (pos, neg) = refiner.time_ids(&micro, 2).unwrap();
+    let ids = candle_core::Tensor::cat(&[neg, pos], 0).unwrap();
+    assert_close("refiner time ids", &ids, &refiner_io["tap.unet.added_time_ids"], 0.0, 0.0);
+    // The refiner continues from the fixture's stored hand-off (identical to ours within tolerance).
+    let latents = refiner
+        .denoise(&refiner_io["input.image"], &cond, &uncond, &micro, &expert(Portion::From(0.8)), |_, _| {})
+        .unwrap();
+    assert_close("refiner latents", &latents, &refiner_io["output.latents"], 2e-4, 1e-4);
+    let np = ((refiner.decode(&latents).unwrap() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
+    assert_close(
+        "refiner images",
+        &np.permute((0, 2, 3, 1)).unwrap(),
+        &refiner_io["output.images"],
+        2e-4,
+        1e-4,
+    );
+}
+
+#[test]
+fn sdxl_pipeline_weights_estimate_counts_every_parameter() {
+    let dir = fixture("pipe_sdxl");
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let names = ["text_encoder", "text_encoder_2", "unet", "vae"];
+    let params: u64 = names.iter().map(|n| case["components"][n]["parameters"].as_u64().unwrap()).sum();
+    let bytes = convergence::pipelines::weights_bytes(&dir, &names, candle_core::DType::F32).unwrap();
+    assert_eq!(bytes, 4 * params);
 }

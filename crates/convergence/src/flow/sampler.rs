@@ -233,5 +233,6 @@ fn batch_for_guidance(uncond: &Conditioning, cond: &Conditioning) -> Result<Cond
         text_tokens: pair("text_tokens", &uncond.text_tokens, &cond.text_tokens)?,
         pooled: pair("pooled", &uncond.pooled, &cond.pooled)?,
         guidance: pair("guidance", &uncond.guidance, &cond.guidance)?,
+        time_ids: pair("time_ids", &uncond.time_ids, &cond.time_ids)?,
     })
 }

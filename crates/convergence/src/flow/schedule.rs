@@ -158,6 +158,21 @@ impl Scheduler {
         Ok(flow_schedule(c, sigmas, Precision::F32, shift))
     }
 
+    /// diffusers' `discrete_timestep_cutoff` for an ensemble of experts: the first expert
+    /// (`denoising_end = fraction`) runs the timesteps at or above it, the second
+    /// (`denoising_start = fraction`) the ones below.
+    pub fn timestep_cutoff(&self, fraction: f64) -> Result<f32> {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(self.error(format!("denoising_end / denoising_start must be in (0, 1), got {fraction}")));
+        }
+        let train = match &self.config {
+            SchedulerConfig::FlowMatch(c) => c.num_train_timesteps,
+            SchedulerConfig::Euler(c) => c.betas.num_train_timesteps,
+            SchedulerConfig::Ddim(c) | SchedulerConfig::Ddpm(c) => c.betas.num_train_timesteps,
+        } as f64;
+        Ok((train - fraction * train).round() as f32)
+    }
+
     /// DDPM-family schedules pick their steps among the training steps.
     fn check_steps(&self, betas: &BetaConfig, n: usize) -> Result<()> {
         if n > betas.num_train_timesteps {
@@ -218,6 +233,38 @@ pub struct AlphaSteps {
 impl Schedule {
     pub fn num_steps(&self) -> usize {
         self.timesteps.len()
+    }
+
+    /// The steps at timesteps >= `cutoff` (the first expert of an ensemble, `denoising_end`):
+    /// its last step ends at the noise level where the second expert begins.
+    pub fn until_cutoff(&self, cutoff: f32) -> Result<Schedule> {
+        let k = self.sigma_steps()?.iter().take_while(|&&t| t >= cutoff).count();
+        Ok(Schedule {
+            timesteps: self.timesteps[..k].to_vec(),
+            sigmas: self.sigmas[..=k].to_vec(),
+            process: self.process.clone(),
+        })
+    }
+
+    /// The steps at timesteps < `cutoff` (the second expert, `denoising_start`): they continue a
+    /// latent that is already at that noise level, so the start noise is not scaled again.
+    pub fn from_cutoff(&self, cutoff: f32) -> Result<Schedule> {
+        let k = self.sigma_steps()?.iter().take_while(|&&t| t >= cutoff).count();
+        let process = match &self.process {
+            Process::VarianceExploding { prediction, .. } => {
+                Process::VarianceExploding { prediction: *prediction, init_noise_sigma: 1.0 }
+            }
+            other => other.clone(),
+        };
+        Ok(Schedule { timesteps: self.timesteps[k..].to_vec(), sigmas: self.sigmas[k..].to_vec(), process })
+    }
+
+    /// The timesteps of a sigma-stepped (flow or Euler) schedule, which alone can be split.
+    fn sigma_steps(&self) -> Result<&[f32]> {
+        match self.process {
+            Process::Alphas(_) => Err(Error::msg("only flow-matching and Euler schedules can be split into experts")),
+            _ => Ok(&self.timesteps),
+        }
     }
 
     /// The DDIM/DDPM timesteps as the int64 values diffusers stores.

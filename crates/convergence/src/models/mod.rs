@@ -21,6 +21,9 @@ pub struct Conditioning {
     pub pooled: Option<Tensor>,
     /// Flux-dev distilled guidance scale [B].
     pub guidance: Option<Tensor>,
+    /// SDXL micro-conditioning [B, 6] (refiner [B, 5]): original size, crop, target size or
+    /// aesthetic score.
+    pub time_ids: Option<Tensor>,
 }
 
 /// What a denoiser's output means, which decides how a sampler uses it.

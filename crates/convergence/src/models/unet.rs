@@ -9,7 +9,7 @@
 //! legacy reasons, the number of heads.
 
 use crate::error::{Error, Result};
-use crate::models::FlopCount;
+use crate::models::{Conditioning, Denoiser, FlopCount, Prediction};
 use crate::nn::{
     linear, timestep_embedding, Attention, AttentionShape, Conv2d, Downsample2D, FeedForward, GroupNorm,
     Init, LayerNorm, Linear, ResnetBlock2D, ResnetShape, Sinusoid, TimestepEmbedding, Upsample2D,
@@ -905,5 +905,26 @@ impl UNet2DConditionModel {
         }
         f.conv += self.conv_out.flops(size.0, size.1);
         f
+    }
+}
+
+impl Denoiser for UNet2DConditionModel {
+    fn forward(&self, x: &Tensor, t: &Tensor, cond: &Conditioning) -> candle_core::Result<Tensor> {
+        let Some(context) = &cond.text_tokens else {
+            candle_core::bail!("the UNet needs text tokens (encoder_hidden_states)");
+        };
+        let added = match (&cond.pooled, &cond.time_ids) {
+            (Some(text_embeds), Some(time_ids)) => {
+                Some(TextTime { text_embeds: text_embeds.clone(), time_ids: time_ids.clone() })
+            }
+            _ => None,
+        };
+        UNet2DConditionModel::forward(self, x, t, context, added.as_ref())
+    }
+
+    /// The noise, as SDXL base and refiner are trained (the sampler refuses a scheduler config
+    /// with another `prediction_type`).
+    fn prediction(&self) -> Prediction {
+        Prediction::Epsilon
     }
 }

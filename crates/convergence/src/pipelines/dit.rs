@@ -69,6 +69,8 @@ impl DiTPipeline {
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = read_json(&index_path)?;
         let has_vae = index.vae.as_ref().is_some_and(|v| v.get(0).is_some_and(|c| !c.is_null()));
+        let components: &[&str] = if has_vae { &["transformer", "vae"] } else { &["transformer"] };
+        super::check_memory(dir, components, DType::F32)?;
         let vae = if has_vae { Some(load_vae(&dir.join("vae"), dev)?) } else { None };
         let scheduler = Scheduler::from_config_file(dir.join("scheduler/scheduler_config.json"))?;
         let tdir = dir.join("transformer");

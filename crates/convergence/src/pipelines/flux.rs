@@ -3,7 +3,7 @@
 //! distilled (an input of the model, FLUX.1-dev); `true_cfg_scale` > 1 with a negative prompt
 //! adds real classifier-free guidance.
 
-use super::{component, decode_latents, tokenize, wrong};
+use super::{check_memory, component, decode_latents, tokenize, wrong, PromptEmbeds};
 use crate::error::Result;
 use crate::flow::{sample, ModelTime, SampleOptions, SamplerKind, Scheduler};
 use crate::models::any::AnyModel;
@@ -13,7 +13,7 @@ use crate::models::vae::AutoencoderKL;
 use crate::models::Conditioning;
 use crate::text::PromptTokenizer;
 use crate::weights::LoadOptions;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 pub struct FluxPipeline {
@@ -26,15 +26,9 @@ pub struct FluxPipeline {
     device: Device,
 }
 
-/// T5 tokens [B, max_sequence_length, D] and CLIP-L pooled vectors [B, 768 (real)].
-pub struct FluxPrompt {
-    pub tokens: Tensor,
-    pub pooled: Tensor,
-    pub warnings: Vec<String>,
-}
-
 impl FluxPipeline {
     pub fn load(dir: &Path, max_sequence_length: usize, dev: &Device) -> Result<Self> {
+        check_memory(dir, &["text_encoder", "text_encoder_2", "transformer", "vae"], DType::F32)?;
         let opts = LoadOptions { device: dev.clone(), ..Default::default() };
         let AnyModel::ClipText(clip) = component(dir, "text_encoder", &opts)? else {
             return Err(wrong(dir, "text_encoder", "CLIP text encoder"));
@@ -56,7 +50,8 @@ impl FluxPipeline {
         Ok(FluxPipeline { tokenizers, clip, t5, transformer, vae, scheduler, device: dev.clone() })
     }
 
-    pub fn encode_prompt(&self, prompts: &[&str]) -> Result<FluxPrompt> {
+    /// T5 tokens [B, max_sequence_length, D] and CLIP-L pooled vectors [B, 768 (real)].
+    pub fn encode_prompt(&self, prompts: &[&str]) -> Result<PromptEmbeds> {
         let mut warnings = vec![];
         let pooled = self
             .clip
@@ -66,24 +61,26 @@ impl FluxPipeline {
             .t5
             .forward(&tokenize(&self.tokenizers[1], prompts, &self.device, &mut warnings)?)?
             .last_hidden_state;
-        Ok(FluxPrompt { tokens, pooled, warnings })
+        Ok(PromptEmbeds { tokens, pooled, warnings })
     }
 
     /// Denoises unpacked latents [B, 16, h, w] over `steps` Euler steps; `guidance` is the
     /// distilled guidance (ignored by models without a guidance embedder), `true_cfg` the real
     /// CFG against `negative` when given. Returns the final unpacked latents.
+    /// `on_step(done, total)` runs after every step (progress bars).
     pub fn denoise(
         &self,
         latents: &Tensor,
-        prompt: &FluxPrompt,
-        negative: Option<(&FluxPrompt, f64)>,
+        prompt: &PromptEmbeds,
+        negative: Option<(&PromptEmbeds, f64)>,
         steps: usize,
         guidance: f64,
+        mut on_step: impl FnMut(usize, usize),
     ) -> Result<Tensor> {
         let (b, _, h, w) = latents.dims4()?;
         let schedule = self.scheduler.set_timesteps(steps, None, Some((h / 2) * (w / 2)))?;
         let g = Tensor::full(guidance as f32, b, &self.device)?;
-        let cond = |p: &FluxPrompt| Conditioning {
+        let cond = |p: &PromptEmbeds| Conditioning {
             text_tokens: Some(p.tokens.clone()),
             pooled: Some(p.pooled.clone()),
             guidance: Some(g.clone()),
@@ -93,7 +90,10 @@ impl FluxPipeline {
         let scale = negative.map_or(1.0, |(_, s)| s);
         let opts =
             SampleOptions { sampler: SamplerKind::Euler, guidance: scale, seed: 0, time: ModelTime::Sigma };
-        sample(&self.transformer, latents, &cond(prompt), uncond.as_ref(), &schedule, &opts, |_, _| {})
+        let total = schedule.num_steps();
+        sample(&self.transformer, latents, &cond(prompt), uncond.as_ref(), &schedule, &opts, |i, _| {
+            on_step(i + 1, total)
+        })
     }
 
     /// Final unpacked latents -> images in [-1, 1].

@@ -5,7 +5,7 @@
 //! to T5's width, then T5's 256 (max_sequence_length) tokens appended along the sequence; the
 //! pooled vector is both CLIPs' projected EOS features side by side.
 
-use super::{component, decode_latents, tokenize, wrong};
+use super::{check_memory, component, decode_latents, tokenize, wrong, PromptEmbeds};
 use crate::error::{Error, Result};
 use crate::flow::{sample, ModelTime, SampleOptions, SamplerKind, Scheduler};
 use crate::models::any::AnyModel;
@@ -15,7 +15,7 @@ use crate::models::vae::AutoencoderKL;
 use crate::models::Conditioning;
 use crate::text::PromptTokenizer;
 use crate::weights::LoadOptions;
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use std::path::Path;
 
 pub struct SD3Pipeline {
@@ -29,16 +29,13 @@ pub struct SD3Pipeline {
     device: Device,
 }
 
-/// Prompt embeddings [B, 77 + T5 tokens, D] and pooled vectors [B, 2048 (real)].
-pub struct PromptEmbeds {
-    pub tokens: Tensor,
-    pub pooled: Tensor,
-    /// Prompts whose text did not fit, with the warning to show.
-    pub warnings: Vec<String>,
-}
-
 impl SD3Pipeline {
     pub fn load(dir: &Path, max_sequence_length: usize, dev: &Device) -> Result<Self> {
+        check_memory(
+            dir,
+            &["text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"],
+            DType::F32,
+        )?;
         let opts = LoadOptions { device: dev.clone(), ..Default::default() };
         let clip = |name: &str| match component(dir, name, &opts)? {
             AnyModel::ClipText(m) => Ok(m),
@@ -63,7 +60,7 @@ impl SD3Pipeline {
         Ok(SD3Pipeline { tokenizers, clip_l, clip_g, t5, transformer, vae, scheduler, device: dev.clone() })
     }
 
-    /// `encode_prompt` of the diffusers pipeline.
+    /// `encode_prompt` of the diffusers pipeline: tokens [B, 77 + T5 tokens, D], pooled [B, 2048 (real)].
     pub fn encode_prompt(&self, prompts: &[&str]) -> Result<PromptEmbeds> {
         let mut warnings = vec![];
         let l = self.clip_l.forward(&tokenize(&self.tokenizers[0], prompts, &self.device, &mut warnings)?)?;
@@ -87,6 +84,7 @@ impl SD3Pipeline {
 
     /// Denoises `latents` (the initial noise) over `steps` flow-matching Euler steps with
     /// guidance against the negative prompts; returns the final latents (not unscaled).
+    /// `on_step(done, total)` runs after every step (progress bars).
     pub fn denoise(
         &self,
         latents: &Tensor,
@@ -94,6 +92,7 @@ impl SD3Pipeline {
         uncond: &PromptEmbeds,
         steps: usize,
         guidance: f64,
+        mut on_step: impl FnMut(usize, usize),
     ) -> Result<Tensor> {
         let schedule = self.scheduler.set_timesteps(steps, None, None)?;
         let c = |e: &PromptEmbeds| Conditioning {
@@ -103,7 +102,10 @@ impl SD3Pipeline {
         };
         let opts =
             SampleOptions { sampler: SamplerKind::Euler, guidance, seed: 0, time: ModelTime::Timestep };
-        sample(&self.transformer, latents, &c(cond), Some(&c(uncond)), &schedule, &opts, |_, _| {})
+        let total = schedule.num_steps();
+        sample(&self.transformer, latents, &c(cond), Some(&c(uncond)), &schedule, &opts, |i, _| {
+            on_step(i + 1, total)
+        })
     }
 
     /// Final latents -> images in [-1, 1] (`latents / scaling_factor + shift_factor`, decode).
