@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 pub struct Args {
     /// The prompt (text-to-image pipelines).
     prompt: Option<String>,
+    /// What to steer away from (the unconditional side of classifier-free guidance).
     #[arg(long)]
     negative_prompt: Option<String>,
     /// Image width in pixels (text-to-image; default 1024).
@@ -155,6 +156,9 @@ pub fn run(a: Args) -> Result<()> {
         opts.guidance,
         a.seed
     );
+    if a.latents.is_some() || a.save_latents.is_some() {
+        return run_dit_from_latents(&pipe, &dir, &a, labels, &opts, steps);
+    }
     let images = pipe.generate(&labels, &opts, steps, a.seed)?;
     if a.grid {
         save_grid(&images, a.num_images.unwrap_or(8), &a.out)?;
@@ -174,6 +178,28 @@ pub fn run(a: Args) -> Result<()> {
         println!("wrote {} ({label})", a.out.display());
     }
     Ok(())
+}
+
+/// One DiT image from `--latents` (or the seeded noise), saving `--save-latents`.
+fn run_dit_from_latents(
+    pipe: &DiTPipeline,
+    dir: &Path,
+    a: &Args,
+    labels: Vec<u32>,
+    opts: &convergence::flow::SampleOptions,
+    steps: usize,
+) -> Result<()> {
+    if a.grid || labels.len() != 1 {
+        bail!("--latents and --save-latents work on one image: drop --grid and --num-images");
+    }
+    let noise = pipe.noise(a.seed, 0..1)?;
+    let noise = match &a.latents {
+        Some(f) => read_latents(f, noise.dims())?,
+        None => noise,
+    };
+    let latents = pipe.denoise(&noise, &labels, opts, steps, progress_bar())?;
+    let class = pipe.labels[labels[0] as usize].clone();
+    finish(a, dir, steps, opts.guidance, &latents, &pipe.decode(&latents)?, Some(&class))
 }
 
 /// Writes `<class id>_<index>.png` files (index counted per class) into `dir`.
@@ -208,14 +234,14 @@ fn check_transformer_size(a: &Args) -> Result<(usize, usize)> {
     check_size(a, 16, 1024, "VAE factor 8 x patch 2")
 }
 
-/// A progress bar over sampling steps, for `denoise`'s `on_step(done, total)`.
-fn progress_bar() -> impl FnMut(usize, usize) {
+/// A progress bar over sampling steps, for `denoise`'s `on_step(done, total, latents)`.
+fn progress_bar() -> impl FnMut(usize, usize, &Tensor) {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {per_sec} ETA {eta}")
             .expect("a valid template"),
     );
-    move |done, total| {
+    move |done, total, _| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         if done == total {
@@ -250,20 +276,34 @@ fn read_latents(f: &Path, shape: &[usize]) -> Result<Tensor> {
     Ok(t.to_dtype(candle_core::DType::F32)?)
 }
 
-/// Saves `--save-latents` and the decoded PNG with the prompt and settings as tEXt metadata.
-fn finish(a: &Args, dir: &Path, steps: usize, guidance: f64, latents: &Tensor, image: &Tensor) -> Result<()> {
+/// Saves `--save-latents` and the decoded PNG with the prompt (or the class) and settings as
+/// tEXt metadata.
+fn finish(
+    a: &Args,
+    dir: &Path,
+    steps: usize,
+    guidance: f64,
+    latents: &Tensor,
+    image: &Tensor,
+    class: Option<&str>,
+) -> Result<()> {
     if let Some(f) = &a.save_latents {
         let t = std::collections::HashMap::from([("latents".to_string(), latents.clone())]);
         convergence::weights::write_safetensors(&t, f)?;
     }
-    let mut text = vec![
-        ("prompt", a.prompt.clone().unwrap_or_default()),
-        ("negative_prompt", a.negative_prompt.clone().unwrap_or_default()),
+    let mut text = match class {
+        Some(c) => vec![("class", c.to_string())],
+        None => vec![
+            ("prompt", a.prompt.clone().unwrap_or_default()),
+            ("negative_prompt", a.negative_prompt.clone().unwrap_or_default()),
+        ],
+    };
+    text.extend([
         ("seed", a.seed.to_string()),
         ("steps", steps.to_string()),
         ("guidance_scale", guidance.to_string()),
         ("model", dir.display().to_string()),
-    ];
+    ]);
     if let Some(s) = a.true_cfg_scale {
         text.push(("true_cfg_scale", s.to_string()));
     }
@@ -291,7 +331,7 @@ fn run_sd3(dir: &Path, a: Args) -> Result<()> {
     let (steps, guidance) = (a.steps.unwrap_or(28), a.guidance_scale.unwrap_or(7.0));
     eprintln!("{}: {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
     let latents = pipe.denoise(&noise, &cond, &uncond, steps, guidance, progress_bar())?;
-    finish(&a, dir, steps, guidance, &latents, &pipe.decode(&latents)?)
+    finish(&a, dir, steps, guidance, &latents, &pipe.decode(&latents)?, None)
 }
 
 fn run_flux(dir: &Path, a: Args) -> Result<()> {
@@ -314,7 +354,7 @@ fn run_flux(dir: &Path, a: Args) -> Result<()> {
     eprintln!("{}: {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
     let negative = negative.as_ref().map(|(n, s)| (n, *s));
     let latents = pipe.denoise(&noise, &cond, negative, steps, guidance, progress_bar())?;
-    finish(&a, dir, steps, guidance, &pack_latents(&latents)?, &pipe.decode(&latents)?)
+    finish(&a, dir, steps, guidance, &pack_latents(&latents)?, &pipe.decode(&latents)?, None)
 }
 
 fn run_sdxl(dir: &Path, a: Args) -> Result<()> {
@@ -363,7 +403,7 @@ fn run_sdxl(dir: &Path, a: Args) -> Result<()> {
     if let (Some(refiner), Portion::Until(end)) = (&a.refiner, portion) {
         (image, latents) = run(refiner, &latents, &DenoiseOptions { portion: Portion::From(end), ..opts })?;
     }
-    finish(&a, dir, opts.steps, opts.guidance, &latents, &image)
+    finish(&a, dir, opts.steps, opts.guidance, &latents, &image, None)
 }
 
 /// SDXL's micro-conditioning from the flags, with diffusers' defaults for an H x W image.

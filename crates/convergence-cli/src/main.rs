@@ -43,7 +43,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    Generate(generate::Args),
+    // Boxed: its many flags would make every other variant as large.
+    Generate(Box<generate::Args>),
     Eval(eval::Args),
     /// Measured studies of the seed's claims (quality against sampling steps).
     #[command(subcommand)]
@@ -68,7 +69,7 @@ fn main() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let result = match cli.command {
-        Command::Generate(a) => generate::run(a),
+        Command::Generate(a) => generate::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Study(s) => study::run(s),
         Command::Forward(a) => forward::run(a),

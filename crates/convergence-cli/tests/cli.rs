@@ -177,8 +177,10 @@ fn generate_reproduces(case: &str, expected: &str, prompt: &str, extra: &[&str])
         .unwrap();
     let saved = dir.join("final.safetensors");
     let model = fixtures().join(case);
-    let mut args =
-        vec!["generate", "--model", model.to_str().unwrap(), prompt, "--width", "64", "--height", "64"];
+    let mut args = vec!["generate", "--model", model.to_str().unwrap()];
+    if !prompt.is_empty() {
+        args.extend_from_slice(&[prompt, "--width", "64", "--height", "64"]);
+    }
     args.extend_from_slice(extra);
     let (noise_s, saved_s, out_s) = (
         noise_file.to_str().unwrap().to_string(),
@@ -209,6 +211,8 @@ fn generate_reproduces_diffusers_final_latents_from_given_noise() {
     let sd3 = ["--negative-prompt", "blurry, low quality", "--guidance-scale", "4"];
     generate_reproduces("pipe_sd3", "pipe_sd3", fox, &sd3);
     generate_reproduces("pipe_flux", "pipe_flux", fox, &["--guidance-scale", "3.5"]);
+    let dit = ["--class", "207", "--guidance-scale", "4"];
+    generate_reproduces("pipe_dit", "pipe_dit", "", &dit);
     let model = fixtures().join("pipe_sd3");
     fails_with(
         &["generate", "--model", model.to_str().unwrap(), "x", "--width", "70", "-o", "x.png"],

@@ -2,11 +2,16 @@
 //! classifier-free guidance 4 and learned sigma).
 
 mod common;
-use candle_core::{Device, IndexOp};
+use candle_core::{Device, IndexOp, Tensor};
 use common::{assert_close, fixture, io};
 use convergence::flow::SamplerKind;
 use convergence::pipelines::dit::DiTPipeline;
 use convergence::pipelines::sdxl::{DenoiseOptions, MicroConditioning, Portion, SDXLPipeline};
+
+/// An `on_step` that keeps every step's latents.
+fn record(steps: &mut Vec<Tensor>) -> impl FnMut(usize, usize, &Tensor) + '_ {
+    |_, _, x| steps.push(x.clone())
+}
 
 #[test]
 fn dit_pipeline_matches_diffusers_latents_and_images() {
@@ -19,7 +24,9 @@ fn dit_pipeline_matches_diffusers_latents_and_images() {
     let mut opts = pipe.options(None, Some(4.0), 0).unwrap();
     assert_eq!(opts.sampler, SamplerKind::Ddim);
     opts.guidance = 4.0;
-    let latents = pipe.denoise(&io["input.latents"], &labels, &opts, 3).unwrap();
+    let mut steps = vec![];
+    let latents = pipe.denoise(&io["input.latents"], &labels, &opts, 3, record(&mut steps)).unwrap();
+    assert_close("per step", &Tensor::stack(&steps, 0).unwrap(), &io["tap.latents_per_step"], 5e-4, 1e-4);
     assert_close("latents", &latents, &io["output.latents"], 5e-4, 1e-4);
     let images = pipe.decode(&latents).unwrap();
     // diffusers' output_type='np': (x / 2 + 0.5) clamped, NHWC.
@@ -44,7 +51,9 @@ fn sd3_pipeline_matches_diffusers_embeddings_latents_and_images() {
     assert_close("prompt_embeds", &cond.tokens, &io["tap.prompt_embeds"], 1e-4, 1e-4);
     assert_close("pooled", &cond.pooled, &io["tap.pooled_prompt_embeds"], 1e-4, 1e-4);
     assert_close("negative_prompt_embeds", &uncond.tokens, &io["tap.negative_prompt_embeds"], 1e-4, 1e-4);
-    let latents = pipe.denoise(&io["input.latents"], &cond, &uncond, 3, 4.0, |_, _| {}).unwrap();
+    let mut steps = vec![];
+    let latents = pipe.denoise(&io["input.latents"], &cond, &uncond, 3, 4.0, record(&mut steps)).unwrap();
+    assert_close("per step", &Tensor::stack(&steps, 0).unwrap(), &io["tap.latents_per_step"], 1e-4, 1e-4);
     assert_close("latents", &latents, &io["output.latents"], 1e-4, 1e-4);
     let np = ((pipe.decode(&latents).unwrap() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
     assert_close("images", &np.permute((0, 2, 3, 1)).unwrap(), &io["output.images"], 1e-4, 1e-4);
@@ -64,7 +73,10 @@ fn flux_pipeline_matches_diffusers_with_distilled_and_true_cfg() {
     assert_close("prompt_embeds", &prompt.tokens, &io["tap.prompt_embeds"], 1e-4, 1e-4);
     assert_close("pooled", &prompt.pooled, &io["tap.pooled_prompt_embeds"], 1e-4, 1e-4);
     let noise = unpack_latents(&io["input.latents"], 8, 8).unwrap();
-    let latents = pipe.denoise(&noise, &prompt, None, 3, 3.5, |_, _| {}).unwrap();
+    let mut steps = vec![];
+    let latents = pipe.denoise(&noise, &prompt, None, 3, 3.5, record(&mut steps)).unwrap();
+    let packed = steps.iter().map(|x| pack_latents(x).unwrap()).collect::<Vec<_>>();
+    assert_close("per step", &Tensor::stack(&packed, 0).unwrap(), &io["tap.latents_per_step"], 1e-4, 1e-4);
     assert_close("latents", &pack_latents(&latents).unwrap(), &io["output.latents"], 1e-4, 1e-4);
     let np = ((pipe.decode(&latents).unwrap() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
     assert_close("images", &np.permute((0, 2, 3, 1)).unwrap(), &io["output.images"], 1e-4, 1e-4);
@@ -72,7 +84,7 @@ fn flux_pipeline_matches_diffusers_with_distilled_and_true_cfg() {
     let n_steps = io["tap.truecfg.latents_per_step"].dim(0).unwrap();
     let true_cfg = io_scale("pipe_flux");
     let latents =
-        pipe.denoise(&noise, &prompt, Some((&negative, true_cfg)), n_steps, 3.5, |_, _| {}).unwrap();
+        pipe.denoise(&noise, &prompt, Some((&negative, true_cfg)), n_steps, 3.5, |_, _, _| {}).unwrap();
     assert_close("true cfg", &pack_latents(&latents).unwrap(), &io["output.truecfg.latents"], 1e-4, 1e-4);
 }
 
@@ -130,8 +142,11 @@ fn sdxl_pipeline_matches_diffusers_embeddings_time_ids_latents_and_images() {
     let (pos, neg) = pipe.time_ids(&sdxl_micro(), 2).unwrap();
     let ids = candle_core::Tensor::cat(&[neg, pos], 0).unwrap();
     assert_close("time ids", &ids, &io["tap.unet.added_time_ids"], 0.0, 0.0);
-    let latents =
-        pipe.denoise(&io["input.latents"], &cond, &uncond, &sdxl_micro(), &all3(), |_, _| {}).unwrap();
+    let mut steps = vec![];
+    let latents = pipe
+        .denoise(&io["input.latents"], &cond, &uncond, &sdxl_micro(), &all3(), record(&mut steps))
+        .unwrap();
+    assert_close("per step", &Tensor::stack(&steps, 0).unwrap(), &io["tap.latents_per_step"], 2e-4, 1e-4);
     assert_close("latents", &latents, &io["output.latents"], 2e-4, 1e-4);
     let np = ((pipe.decode(&latents).unwrap() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
     assert_close("images", &np.permute((0, 2, 3, 1)).unwrap(), &io["output.images"], 2e-4, 1e-4);
@@ -140,7 +155,7 @@ fn sdxl_pipeline_matches_diffusers_embeddings_time_ids_latents_and_images() {
     let zeros = pipe.encode_negative(None, &cond).unwrap();
     assert_eq!(zeros.tokens.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     let latents =
-        pipe.denoise(&io["input.latents"], &cond, &zeros, &sdxl_micro(), &all3(), |_, _| {}).unwrap();
+        pipe.denoise(&io["input.latents"], &cond, &zeros, &sdxl_micro(), &all3(), |_, _, _| {}).unwrap();
     assert_close("noneg latents", &latents, &io["output.noneg.latents"], 2e-4, 1e-4);
 }
 
@@ -151,9 +166,12 @@ fn sdxl_base_and_refiner_run_as_an_ensemble_of_experts() {
     let cond = base.encode_prompt(&SDXL_PROMPTS).unwrap();
     let uncond = base.encode_negative(Some(&SDXL_NEGATIVES), &cond).unwrap();
     let micro = sdxl_micro();
-    let handoff = base
-        .denoise(&base_io["input.latents"], &cond, &uncond, &micro, &expert(Portion::Until(0.8)), |_, _| {})
-        .unwrap();
+    let mut steps = vec![];
+    let until = expert(Portion::Until(0.8));
+    let handoff =
+        base.denoise(&base_io["input.latents"], &cond, &uncond, &micro, &until, record(&mut steps)).unwrap();
+    let per_step = Tensor::stack(&steps, 0).unwrap();
+    assert_close("base per step", &per_step, &base_io["tap.ensemble.latents_per_step"], 2e-4, 1e-4);
     assert_close("base latents", &handoff, &base_io["output.ensemble.base_latents"], 2e-4, 1e-4);
 
     let refiner = SDXLPipeline::load(&fixture("pipe_sdxl_refiner"), &Device::Cpu).unwrap();
@@ -165,9 +183,13 @@ fn sdxl_base_and_refiner_run_as_an_ensemble_of_experts() {
     let ids = candle_core::Tensor::cat(&[neg, pos], 0).unwrap();
     assert_close("refiner time ids", &ids, &refiner_io["tap.unet.added_time_ids"], 0.0, 0.0);
     // The refiner continues from the fixture's stored hand-off (identical to ours within tolerance).
+    let mut steps = vec![];
+    let from = expert(Portion::From(0.8));
     let latents = refiner
-        .denoise(&refiner_io["input.image"], &cond, &uncond, &micro, &expert(Portion::From(0.8)), |_, _| {})
+        .denoise(&refiner_io["input.image"], &cond, &uncond, &micro, &from, record(&mut steps))
         .unwrap();
+    let per_step = Tensor::stack(&steps, 0).unwrap();
+    assert_close("refiner per step", &per_step, &refiner_io["tap.latents_per_step"], 2e-4, 1e-4);
     assert_close("refiner latents", &latents, &refiner_io["output.latents"], 2e-4, 1e-4);
     let np = ((refiner.decode(&latents).unwrap() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
     assert_close(

@@ -128,38 +128,50 @@ impl DiTPipeline {
     /// Generates one image per label: [N, 3 or C, H, W] in [-1, 1]. Noise for image k comes
     /// from (seed, k), so a batch size or subset never changes an image.
     pub fn generate(&self, labels: &[u32], opts: &SampleOptions, steps: usize, seed: u64) -> Result<Tensor> {
-        let cfg = self.transformer.config();
-        let shape = [1, cfg.in_channels, cfg.sample_size, cfg.sample_size];
         let mut out = vec![];
         for (c, chunk) in labels.chunks(256).enumerate() {
-            let noise = (0..chunk.len())
-                .map(|j| {
-                    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                    rng.set_stream((c * 256 + j) as u64);
-                    crate::noise::randn(&mut rng, &shape, &self.device)
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let latents = self.denoise(&Tensor::cat(&noise, 0)?, chunk, opts, steps)?;
+            let noise = self.noise(seed, c * 256..c * 256 + chunk.len())?;
+            let latents = self.denoise(&noise, chunk, opts, steps, |_, _, _| {})?;
             out.push(self.decode(&latents)?);
         }
         Ok(Tensor::cat(&out, 0)?)
     }
 
+    /// The initial noise of images `range` of a `generate` call with `seed`: image k's from the
+    /// ChaCha8 stream k.
+    pub fn noise(&self, seed: u64, range: std::ops::Range<usize>) -> Result<Tensor> {
+        let cfg = self.transformer.config();
+        let shape = [1, cfg.in_channels, cfg.sample_size, cfg.sample_size];
+        let noise = range
+            .map(|k| {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(k as u64);
+                crate::noise::randn(&mut rng, &shape, &self.device)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&noise, 0)?)
+    }
+
     /// Runs the sampler from `noise` with classifier-free guidance against the null class, as
-    /// diffusers' DiTPipeline does; returns the final latents.
+    /// diffusers' DiTPipeline does; returns the final latents. `on_step(done, total, latents)`
+    /// runs after every step.
     pub fn denoise(
         &self,
         noise: &Tensor,
         labels: &[u32],
         opts: &SampleOptions,
         steps: usize,
+        mut on_step: impl FnMut(usize, usize, &Tensor),
     ) -> Result<Tensor> {
         let schedule = self.scheduler.set_timesteps(steps, None, None)?;
         let cond =
             Conditioning { class_labels: Some(Tensor::new(labels, &self.device)?), ..Default::default() };
         let null = Tensor::full(self.transformer.config().null_class() as u32, labels.len(), &self.device)?;
         let uncond = Conditioning { class_labels: Some(null), ..Default::default() };
-        sample(&self.transformer, noise, &cond, Some(&uncond), &schedule, opts, |_, _| {})
+        let total = schedule.num_steps();
+        sample(&self.transformer, noise, &cond, Some(&uncond), &schedule, opts, |i, x| {
+            on_step(i + 1, total, x)
+        })
     }
 
     /// Latents -> images in [-1, 1] (through the VAE's `z / scaling_factor` for latent models).

@@ -67,7 +67,7 @@ impl FluxPipeline {
     /// Denoises unpacked latents [B, 16, h, w] over `steps` Euler steps; `guidance` is the
     /// distilled guidance (ignored by models without a guidance embedder), `true_cfg` the real
     /// CFG against `negative` when given. Returns the final unpacked latents.
-    /// `on_step(done, total)` runs after every step (progress bars).
+    /// `on_step(done, total, latents)` runs after every step (progress bars, previews).
     pub fn denoise(
         &self,
         latents: &Tensor,
@@ -75,7 +75,7 @@ impl FluxPipeline {
         negative: Option<(&PromptEmbeds, f64)>,
         steps: usize,
         guidance: f64,
-        mut on_step: impl FnMut(usize, usize),
+        mut on_step: impl FnMut(usize, usize, &Tensor),
     ) -> Result<Tensor> {
         let (b, _, h, w) = latents.dims4()?;
         let schedule = self.scheduler.set_timesteps(steps, None, Some((h / 2) * (w / 2)))?;
@@ -91,8 +91,8 @@ impl FluxPipeline {
         let opts =
             SampleOptions { sampler: SamplerKind::Euler, guidance: scale, seed: 0, time: ModelTime::Sigma };
         let total = schedule.num_steps();
-        sample(&self.transformer, latents, &cond(prompt), uncond.as_ref(), &schedule, &opts, |i, _| {
-            on_step(i + 1, total)
+        sample(&self.transformer, latents, &cond(prompt), uncond.as_ref(), &schedule, &opts, |i, x| {
+            on_step(i + 1, total, x)
         })
     }
 

@@ -84,7 +84,7 @@ impl SD3Pipeline {
 
     /// Denoises `latents` (the initial noise) over `steps` flow-matching Euler steps with
     /// guidance against the negative prompts; returns the final latents (not unscaled).
-    /// `on_step(done, total)` runs after every step (progress bars).
+    /// `on_step(done, total, latents)` runs after every step (progress bars, previews).
     pub fn denoise(
         &self,
         latents: &Tensor,
@@ -92,7 +92,7 @@ impl SD3Pipeline {
         uncond: &PromptEmbeds,
         steps: usize,
         guidance: f64,
-        mut on_step: impl FnMut(usize, usize),
+        mut on_step: impl FnMut(usize, usize, &Tensor),
     ) -> Result<Tensor> {
         let schedule = self.scheduler.set_timesteps(steps, None, None)?;
         let c = |e: &PromptEmbeds| Conditioning {
@@ -103,8 +103,8 @@ impl SD3Pipeline {
         let opts =
             SampleOptions { sampler: SamplerKind::Euler, guidance, seed: 0, time: ModelTime::Timestep };
         let total = schedule.num_steps();
-        sample(&self.transformer, latents, &c(cond), Some(&c(uncond)), &schedule, &opts, |i, _| {
-            on_step(i + 1, total)
+        sample(&self.transformer, latents, &c(cond), Some(&c(uncond)), &schedule, &opts, |i, x| {
+            on_step(i + 1, total, x)
         })
     }
 

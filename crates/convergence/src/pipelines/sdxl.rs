@@ -145,7 +145,7 @@ impl SDXLPipeline {
     pub fn encode_prompt(&self, prompts: &[&str]) -> Result<PromptEmbeds> {
         let mut warnings = vec![];
         let mut encode = |enc: &Encoder| -> Result<ClipTextOutput> {
-            Ok(enc.model.forward(&tokenize(&enc.tokenizer, prompts, &self.device, &mut warnings)?)?)
+            enc.model.forward(&tokenize(&enc.tokenizer, prompts, &self.device, &mut warnings)?)
         };
         let mut states = vec![];
         if let Some(l) = &self.clip_l {
@@ -196,7 +196,7 @@ impl SDXLPipeline {
     /// Denoises `latents` over `opts.portion` of an `opts.steps`-step Euler schedule with guidance against
     /// `negative` (one batched UNet call per step). With `Portion::From`, `latents` are the
     /// previous expert's output; otherwise unit noise. Returns latents (not unscaled).
-    /// `on_step(done, total)` runs after every step (progress bars).
+    /// `on_step(done, total, latents)` runs after every step (progress bars, previews).
     pub fn denoise(
         &self,
         latents: &Tensor,
@@ -204,7 +204,7 @@ impl SDXLPipeline {
         negative: &PromptEmbeds,
         micro: &MicroConditioning,
         opts: &DenoiseOptions,
-        mut on_step: impl FnMut(usize, usize),
+        mut on_step: impl FnMut(usize, usize, &Tensor),
     ) -> Result<Tensor> {
         let full = self.scheduler.set_timesteps(opts.steps, None, None)?;
         let schedule = match opts.portion {
@@ -227,7 +227,7 @@ impl SDXLPipeline {
         };
         let (c, u) = (cond(prompt, pos_ids), cond(negative, neg_ids));
         let total = schedule.num_steps();
-        sample(&self.unet, latents, &c, Some(&u), &schedule, &sampling, |i, _| on_step(i + 1, total))
+        sample(&self.unet, latents, &c, Some(&u), &schedule, &sampling, |i, x| on_step(i + 1, total, x))
     }
 
     /// Final latents -> images in [-1, 1] (`latents / scaling_factor`, decode).
