@@ -239,4 +239,30 @@ fn generate_reproduces_sdxl_and_the_ensemble_of_experts() {
         &["--denoising-end"],
     );
     fails_with(&["generate", "--model", base, "x", "--original-size", "96", "-o", "x.png"], &["A,B"]);
+
+    // A prompt past CLIP's 77 tokens warns and quotes what was dropped.
+    let out = tmp("sdxl-long").join("long.png");
+    let long = format!("a red fox {}", "in the snow ".repeat(40));
+    let (ok, _, err) =
+        run(&["generate", "--model", base, &long, "--steps", "1", "-o", out.to_str().unwrap()]);
+    assert!(ok && err.contains("warning:") && err.contains("truncated") && err.contains("snow"), "{err}");
+
+    // A pipeline directory without its VAE names the missing component.
+    let broken = tmp("sdxl-novae");
+    copy_dir(&fixtures().join("pipe_sdxl"), &broken);
+    std::fs::remove_dir_all(broken.join("vae")).unwrap();
+    fails_with(&["generate", "--model", broken.to_str().unwrap(), "x", "-o", "x.png"], &["vae/", "missing"]);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let dest = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).unwrap();
+        }
+    }
 }
