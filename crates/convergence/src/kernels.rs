@@ -116,6 +116,76 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+struct Softmax;
+struct SoftmaxGrad;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let d = l.shape().dims().last().copied().unwrap_or(1);
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, d, |i, o| {
+            let r = &x[i * d..(i + 1) * d];
+            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in o.iter_mut().zip(r) {
+                // Exactly 0 below exp's f32 range, so masked (-inf) keys get no weight at all.
+                let z = v - max;
+                *o = if z < -87.0 { 0.0 } else { fast_exp(z) };
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    /// The backward needs only the output: dx = y * (g - sum(g * y)).
+    fn bwd(&self, _: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
+        let d = l1.shape().dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; y.len()];
+        par_rows(&mut dx, d, |i, o| {
+            let (yr, gr) = (&y[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
+            let dot = yr.iter().zip(gr).map(|(y, g)| y * g).sum::<f32>();
+            for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                *o = y * (g - dot);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last axis, with a backward (candle-nn's fused `softmax_last_dim` has none,
+/// so gradients would silently stop at every attention's queries and keys).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(Softmax)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
 struct LayerNorm {
     eps: f32,
 }
@@ -234,6 +304,30 @@ mod tests {
         let g1 = ours.mul(&w)?.sum_all()?.backward()?;
         let g2 = reference.mul(&w)?.sum_all()?.backward()?;
         assert!(max_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_matches_composition_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (2, 3, 5, 33), &dev)?))?;
+        let w = Tensor::randn(0f32, 1.0, (2, 3, 5, 33), &dev)?;
+        let fast = softmax_last_dim(x.as_tensor())?;
+        let plain = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
+        assert!(max_diff(&fast, &plain) < 1e-6);
+        let g_fast = (fast * &w)?.sum_all()?.backward()?;
+        let g_plain = (plain * &w)?.sum_all()?.backward()?;
+        let (a, b) = (g_fast.get(x.as_tensor()).unwrap(), g_plain.get(x.as_tensor()).unwrap());
+        assert!(max_diff(a, b) < 1e-6, "gradient differs by {}", max_diff(a, b));
+        // And a finite difference on one logit.
+        let f = |t: &Tensor| -> Result<f32> { (softmax_last_dim(t)? * &w)?.sum_all()?.to_scalar::<f32>() };
+        let h = 1e-2f32;
+        let mut bump = vec![0f32; 2 * 3 * 5 * 33];
+        bump[7] = h;
+        let bump = Tensor::from_vec(bump, (2, 3, 5, 33), &dev)?;
+        let fd = (f(&(x.as_tensor() + &bump)?)? - f(&(x.as_tensor() - &bump)?)?) / (2.0 * h);
+        let auto = a.flatten_all()?.to_vec1::<f32>()?[7];
+        assert!((fd - auto).abs() < 1e-3, "finite difference {fd} vs autograd {auto}");
         Ok(())
     }
 

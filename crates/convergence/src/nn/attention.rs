@@ -37,7 +37,7 @@ pub fn biased_attention_probs(q: &Tensor, k: &Tensor, scale: f64, bias: Option<&
     if let Some(bias) = bias {
         scores = scores.broadcast_add(bias)?;
     }
-    candle_nn::ops::softmax_last_dim(&scores)
+    crate::kernels::softmax_last_dim(&scores)
 }
 
 /// Scaled dot-product attention over [B, H, L, d] heads.

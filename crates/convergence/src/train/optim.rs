@@ -92,7 +92,9 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
-            let g = if clip != 1.0 { (g * clip)? } else { g.clone() };
+            // Detached: a gradient can carry the op graph it was computed through, which the
+            // moments would otherwise keep alive step after step.
+            let g = if clip != 1.0 { (g.detach() * clip)? } else { g.detach() };
             s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
             s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&s.m / c1)? / ((&s.v / c2)?.sqrt()? + self.cfg.eps)?)?;
@@ -137,15 +139,17 @@ pub struct Ema {
 
 impl Ema {
     pub fn new(decay: f64, vars: &[(String, Var)]) -> Result<Self> {
-        let shadow =
-            vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<Vec<_>>>()?;
+        let shadow = vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?.detach())))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Ema { decay, shadow })
     }
 
     /// Sets the average to the current weights.
     pub fn reset(&mut self, vars: &[(String, Var)]) -> Result<()> {
         for ((_, e), (_, v)) in self.shadow.iter_mut().zip(vars) {
-            *e = v.as_tensor().copy()?;
+            *e = v.as_tensor().copy()?.detach();
         }
         Ok(())
     }
@@ -159,8 +163,10 @@ impl Ema {
 
     pub fn update(&mut self, vars: &[(String, Var)], step: usize) -> Result<()> {
         let d = self.decay_at(step);
+        // Every tensor here is detached: an average that recorded its ops would keep each
+        // step's predecessor alive (a leak of one model copy per step).
         for ((_, e), (_, v)) in self.shadow.iter_mut().zip(vars) {
-            *e = ((&*e * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
+            *e = ((&*e * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
         }
         Ok(())
     }
