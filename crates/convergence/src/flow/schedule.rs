@@ -163,7 +163,9 @@ impl Scheduler {
     /// (`denoising_start = fraction`) the ones below.
     pub fn timestep_cutoff(&self, fraction: f64) -> Result<f32> {
         if !(fraction > 0.0 && fraction < 1.0) {
-            return Err(self.error(format!("denoising_end / denoising_start must be in (0, 1), got {fraction}")));
+            return Err(
+                self.error(format!("denoising_end / denoising_start must be in (0, 1), got {fraction}"))
+            );
         }
         let train = match &self.config {
             SchedulerConfig::FlowMatch(c) => c.num_train_timesteps,
@@ -262,7 +264,9 @@ impl Schedule {
     /// The timesteps of a sigma-stepped (flow or Euler) schedule, which alone can be split.
     fn sigma_steps(&self) -> Result<&[f32]> {
         match self.process {
-            Process::Alphas(_) => Err(Error::msg("only flow-matching and Euler schedules can be split into experts")),
+            Process::Alphas(_) => {
+                Err(Error::msg("only flow-matching and Euler schedules can be split into experts"))
+            }
             _ => Ok(&self.timesteps),
         }
     }
