@@ -7,14 +7,22 @@ use convergence::pipelines::dit::DiTPipeline;
 use convergence::study::{balanced_labels, baselines, score, Reference, Score};
 use std::path::PathBuf;
 
-/// Score a Fashion-MNIST model (or a folder of its PNGs) with the project's classifier.
+/// Score a Fashion-MNIST model (or a folder of its PNGs) with the project's classifier, or with
+/// `--prompts FILE` a text-to-image model trained here on the captioned shapes.
 ///
-/// Prints class accuracy (is a sample conditioned on "sneaker" classified as sneaker?) and the
+/// Prompts: one image per prompt line, judged without a learned model (colour segmentation,
+/// geometric shape tests, centroid relations); prints per-attribute and whole-prompt accuracy.
+///
+/// Fashion-MNIST: prints class accuracy (is a sample conditioned on "sneaker" classified as sneaker?) and the
 /// Fréchet classifier distance (FCD: Fréchet distance between the classifier's penultimate
 /// features of the samples and of real test images; not Inception FID), next to the same numbers
 /// for real test images and for noise at the same sample size.
 #[derive(clap::Args)]
 pub struct Args {
+    /// Captions to judge a text-to-image model on, one per line (default model: the shipped
+    /// shapes MMDiT); e.g. docs/prompts/seen.txt, docs/prompts/held-out.txt.
+    #[arg(long, conflicts_with = "samples")]
+    prompts: Option<PathBuf>,
     /// A model directory to sample from (default: the shipped Fashion-MNIST DiT).
     #[arg(long, conflicts_with = "samples")]
     model: Option<PathBuf>,
@@ -50,6 +58,9 @@ fn line(name: &str, s: &Score) -> String {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(prompts) = &a.prompts {
+        return run_prompts(&a, prompts);
+    }
     let dev = Device::Cpu;
     let classifier = Classifier::load(&a.classifier.clone().unwrap_or_else(bundled_dir), &dev)?;
     let reference = Reference::fashion_test(&dev)?;
@@ -57,7 +68,7 @@ pub fn run(a: Args) -> Result<()> {
         let (images, labels) = read_sample_dir(dir, classifier.num_classes(), &dev)?;
         (dir.display().to_string(), score(&classifier, &images, &labels, &reference)?)
     } else {
-        let dir = a.model.clone().unwrap_or_else(crate::generate::default_model);
+        let dir = a.model.clone().unwrap_or_else(|| crate::generate::default_model(false));
         let pipe = DiTPipeline::load(&dir, &dev)?;
         if a.num_images < 2 {
             bail!("--num-images must be at least 2 (a covariance needs two samples)");
@@ -87,6 +98,40 @@ pub fn run(a: Args) -> Result<()> {
         if let Some(acc) = classifier.meta.test_accuracy {
             println!("classifier test accuracy: {:.2}%", 100.0 * acc);
         }
+    }
+    Ok(())
+}
+
+fn run_prompts(a: &Args, file: &std::path::Path) -> Result<()> {
+    use convergence::pipelines::t2i::T2IPipeline;
+    let prompts = convergence::study::read_prompts(file)?;
+    let dir = a.model.clone().unwrap_or_else(|| crate::generate::default_model(true));
+    let pipe = T2IPipeline::load(&dir, &Device::Cpu)?;
+    let steps = a.steps.unwrap_or(pipe.defaults.steps);
+    let guidance = a.guidance_scale.unwrap_or(pipe.defaults.guidance);
+    eprintln!(
+        "{}: {} prompts, {steps} steps, guidance {guidance}, seed {} ...",
+        dir.display(),
+        prompts.len(),
+        a.seed
+    );
+    let (report, _) = convergence::study::prompt_accuracy(&pipe, &prompts, a.seed, steps, guidance)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": dir.display().to_string(), "prompts": file.display().to_string(),
+                "steps": steps, "guidance": guidance, "report": report,
+            }))?
+        );
+    } else {
+        println!(
+            "{} on {} ({} prompts, {steps} steps, guidance {guidance})",
+            dir.display(),
+            file.display(),
+            prompts.len()
+        );
+        print!("{report}");
     }
     Ok(())
 }

@@ -98,13 +98,18 @@ pub struct Args {
     out: PathBuf,
 }
 
-/// The shipped model: ./models/fashion-dit, else next to the sources this binary was built from.
-pub fn default_model() -> PathBuf {
-    let local = PathBuf::from("models/fashion-dit");
+/// A shipped model: ./models/<name>, else next to the sources this binary was built from.
+pub fn shipped_model(name: &str) -> PathBuf {
+    let local = Path::new("models").join(name);
     if local.join("model_index.json").exists() {
         return local;
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fashion-dit")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").join(name)
+}
+
+/// The default model: the Fashion-MNIST DiT, or with a prompt the captioned-shapes MMDiT.
+pub fn default_model(prompt: bool) -> PathBuf {
+    shipped_model(if prompt { "shapes-mmdit" } else { "fashion-dit" })
 }
 
 /// The `_class_name` of a pipeline directory's model_index.json.
@@ -114,16 +119,18 @@ fn pipeline_class(dir: &Path) -> Result<String> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let dir = a.model.clone().unwrap_or_else(default_model);
+    let dir = a.model.clone().unwrap_or_else(|| default_model(a.prompt.is_some()));
     match pipeline_class(&dir)?.as_str() {
+        convergence::pipelines::t2i::CLASS_NAME => return run_t2i(&dir, a),
         "StableDiffusion3Pipeline" => return run_sd3(&dir, a),
         "FluxPipeline" => return run_flux(&dir, a),
         "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => return run_sdxl(&dir, a),
         "DiTPipeline" => {}
         other => bail!(
             "{}: pipeline `{other}` is not supported (DiTPipeline, StableDiffusionXLPipeline, \
-             StableDiffusionXLImg2ImgPipeline, StableDiffusion3Pipeline, FluxPipeline)",
-            dir.display()
+             StableDiffusionXLImg2ImgPipeline, StableDiffusion3Pipeline, FluxPipeline, {})",
+            dir.display(),
+            convergence::pipelines::t2i::CLASS_NAME
         ),
     }
     if a.prompt.is_some() {
@@ -415,4 +422,45 @@ fn micro_conditioning(a: &Args, h: usize, w: usize) -> convergence::pipelines::s
     m.aesthetic_score = a.aesthetic_score.unwrap_or(m.aesthetic_score);
     m.negative_aesthetic_score = a.negative_aesthetic_score.unwrap_or(m.negative_aesthetic_score);
     m
+}
+
+/// The text-to-image models trained here: one image, `--num-images N` files `<index>.png` in
+/// the directory -o names, or `--grid` (N samples, default 8, in a row).
+fn run_t2i(dir: &Path, a: Args) -> Result<()> {
+    use convergence::pipelines::t2i::T2IPipeline;
+    let Some(prompt) = a.prompt.as_deref() else {
+        bail!("{} is text-to-image: give a prompt", dir.display())
+    };
+    let pipe = T2IPipeline::load(dir, &Device::Cpu)?;
+    let steps = a.steps.unwrap_or(pipe.defaults.steps);
+    let guidance = a.guidance_scale.unwrap_or(pipe.defaults.guidance);
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let n = if a.grid { a.num_images.unwrap_or(8) } else { a.num_images.unwrap_or(1) };
+    if n == 0 {
+        bail!("nothing to generate (--num-images 0)");
+    }
+    let embeds = pipe.encode_prompt(&vec![prompt; n])?;
+    warn(&embeds.warnings[..embeds.warnings.len().min(1)]);
+    let noise = pipe.noise(a.seed, 0..n)?;
+    let noise = match &a.latents {
+        Some(f) => read_latents(f, noise.dims())?,
+        None => noise,
+    };
+    eprintln!("{}: {n} image(s), {steps} steps, guidance {guidance}, seed {}", dir.display(), a.seed);
+    let images = pipe.denoise(&noise, &embeds, steps, guidance, progress_bar())?;
+    if a.grid {
+        save_grid(&images, n, &a.out)?;
+        println!("wrote {}", a.out.display());
+    } else if a.num_images.is_some() {
+        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+        for i in 0..n {
+            save_image(&images.get(i)?, &a.out.join(format!("{i}.png")))?;
+        }
+        println!("wrote {n} images to {}", a.out.display());
+    } else {
+        finish(&a, dir, steps, guidance, &images, &images, None)?;
+    }
+    Ok(())
 }

@@ -1,6 +1,8 @@
 //! `convergence`: a thin command line over the library. Each subcommand parses its flags, calls
 //! the library and prints; errors are one line and a non-zero exit.
 
+mod attention;
+mod bench;
 mod eval;
 mod forward;
 mod generate;
@@ -53,6 +55,27 @@ enum Command {
     Inspect(inspect::Args),
     Schedule(schedule::Args),
     Train(train::Args),
+    Bench(bench::Args),
+    /// Joint-attention maps of a text-to-image MMDiT (the shipped shapes model by default) as PNGs
+    ///
+    /// MMDiT runs one softmax over image and text tokens together, so every layer holds four
+    /// kinds of attention: image->image, image->text (which words each patch reads), text->image
+    /// and text->text. This generates the image for PROMPT (the image `generate` makes with the
+    /// same seed), records the attention of the conditional prompt (not the empty prompt of
+    /// classifier-free guidance) and writes into -o DIR:
+    ///
+    ///   image.png                       the generated image, 8x
+    ///   quadrants_layer{L}_step{S}.png  the [image + text] x [image + text] matrix (rows: queries,
+    ///                                   columns: keys), its four quadrants and their shares
+    ///   token{k}_{word}_layer{L}.png    how much each image patch attends to word k, over the
+    ///                                   image: "where does 'red' look?"
+    ///   tokens_layer{L}.png             every word's map side by side
+    ///
+    /// Padding and the start token get no map; the end token does (the pooled vector is read
+    /// from it). Maps are of the last sampling step unless --step says otherwise, and the mean
+    /// over heads unless --heads names some (then every file is per head, `_head{h}`).
+    #[command(verbatim_doc_comment)]
+    Attention(attention::Args),
 }
 
 fn main() {
@@ -76,6 +99,8 @@ fn main() {
         Command::Inspect(a) => inspect::run(a),
         Command::Schedule(a) => schedule::run(a),
         Command::Train(a) => train::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Attention(a) => attention::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,6 +1,7 @@
 //! Measuring a class-conditional image model: class accuracy and Fréchet classifier distance
 //! (FCD) of generated samples, and the quality-vs-steps study of the seed (rectified flow with
-//! Euler and Heun against a DDPM twin with DDIM).
+//! Euler and Heun against a DDPM twin with DDIM); and the prompt faithfulness of the
+//! text-to-image models trained here.
 
 use crate::error::{Error, Result};
 use crate::eval::{class_accuracy, fcd, Classifier};
@@ -106,4 +107,37 @@ pub fn step_study(
         }
     }
     Ok(rows)
+}
+
+/// Prompt faithfulness of a text-to-image pipeline trained here: one image per prompt (image k
+/// from noise stream k of `seed`), judged by colour segmentation (`eval::prompt`). Returns the
+/// report and the images [N, 3, H, W] in [-1, 1].
+pub fn prompt_accuracy(
+    pipe: &crate::pipelines::t2i::T2IPipeline,
+    prompts: &[String],
+    seed: u64,
+    steps: usize,
+    guidance: f64,
+) -> Result<(crate::eval::prompt::PromptReport, Tensor)> {
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let images = pipe.generate(&refs, seed, steps, guidance)?;
+    let (_, _, h, w) = images.dims4()?;
+    let hwc = crate::viz::tensor_to_u8(&images.permute((0, 2, 3, 1))?)?;
+    let report = crate::eval::prompt::evaluate(hwc.chunks(h * w * 3).zip(refs), w, h)?;
+    Ok((report, images))
+}
+
+/// Prompts from a file: one per line, blank lines and `#` comments skipped.
+pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    if prompts.is_empty() {
+        return Err(Error::config(path, "no prompts (one per line)"));
+    }
+    Ok(prompts)
 }

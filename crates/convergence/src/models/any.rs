@@ -8,6 +8,7 @@ use crate::models::sd3::SD3Transformer2DModel;
 use crate::models::text::clip::{CLIP_TEXT_MODEL, CLIP_TEXT_MODEL_WITH_PROJECTION};
 use crate::models::text::t5::T5_ENCODER_MODEL;
 use crate::models::text::{ClipTextModel, T5EncoderModel};
+use crate::models::text_dit::{TextDiTTransformer2DModel, TEXT_DIT_CLASS};
 use crate::models::unet::{TextTime, UNet2DConditionModel};
 use crate::models::vae::AutoencoderKL;
 use crate::nn::AttentionCapture;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 pub enum AnyModel {
     DiT(DiT),
     SD3(SD3Transformer2DModel),
+    TextDiT(TextDiTTransformer2DModel),
     Flux(FluxTransformer2DModel),
     ClipText(ClipTextModel),
     T5Encoder(T5EncoderModel),
@@ -30,6 +32,7 @@ impl AnyModel {
         match self {
             AnyModel::DiT(_) => "DiTTransformer2DModel",
             AnyModel::SD3(_) => "SD3Transformer2DModel",
+            AnyModel::TextDiT(_) => TEXT_DIT_CLASS,
             AnyModel::Flux(_) => "FluxTransformer2DModel",
             AnyModel::ClipText(m) if m.config().with_projection() => CLIP_TEXT_MODEL_WITH_PROJECTION,
             AnyModel::ClipText(_) => CLIP_TEXT_MODEL,
@@ -39,11 +42,40 @@ impl AnyModel {
         }
     }
 
-    /// Attaches (or with `None` detaches) a joint-attention capture; DiT, the text encoders, the
-    /// VAE and the UNet have no joint attention.
+    /// The model as a denoiser, if it is one.
+    pub fn denoiser(&self) -> Option<&dyn crate::models::Denoiser> {
+        match self {
+            AnyModel::DiT(m) => Some(m),
+            AnyModel::SD3(m) => Some(m),
+            AnyModel::TextDiT(m) => Some(m),
+            AnyModel::Flux(m) => Some(m),
+            AnyModel::UNet(m) => Some(m),
+            AnyModel::ClipText(_) | AnyModel::T5Encoder(_) | AnyModel::Vae(_) => None,
+        }
+    }
+
+    /// [C, H, W] of a denoiser's input at its configured sample size (pixel- or latent-space).
+    pub fn sample_shape(&self) -> Option<[usize; 3]> {
+        match self {
+            AnyModel::DiT(m) => {
+                Some([m.config().in_channels, m.config().sample_size, m.config().sample_size])
+            }
+            AnyModel::SD3(m) => {
+                Some([m.config().in_channels, m.config().sample_size, m.config().sample_size])
+            }
+            AnyModel::TextDiT(m) => {
+                Some([m.config().in_channels, m.config().sample_size, m.config().sample_size])
+            }
+            _ => None,
+        }
+    }
+
+    /// Attaches (or with `None` detaches) a joint-attention capture; DiT, the text-conditioned
+    /// DiT, the text encoders, the VAE and the UNet have no joint attention.
     pub fn set_attention_capture(&mut self, capture: Option<Arc<AttentionCapture>>) -> Result<()> {
         match self {
             AnyModel::DiT(_)
+            | AnyModel::TextDiT(_)
             | AnyModel::ClipText(_)
             | AnyModel::T5Encoder(_)
             | AnyModel::Vae(_)
@@ -76,6 +108,16 @@ impl AnyModel {
                     arg("hidden_states")?,
                     arg("timestep")?,
                     arg("encoder_hidden_states")?,
+                    arg("pooled_projections")?,
+                )?;
+                out.insert("output.sample".to_string(), sample);
+            }
+            AnyModel::TextDiT(m) => {
+                // The pooled-only variant takes no text tokens.
+                let sample = m.forward_text(
+                    arg("hidden_states")?,
+                    arg("timestep")?,
+                    inputs.get("input.encoder_hidden_states"),
                     arg("pooled_projections")?,
                 )?;
                 out.insert("output.sample".to_string(), sample);

@@ -178,7 +178,7 @@ impl AdaLayerNormZero {
                 init_embedder(init),
             )?,
             class_embedder: LabelEmbedding::new(emb.pp("class_embedder"), classes, d)?,
-            linear: linear(&vb.pp("linear"), d, 6 * d, true, init_zero(init))?,
+            linear: linear(&vb.pp("linear"), d, 6 * d, true, init.zero_when_training())?,
         })
     }
 
@@ -192,13 +192,6 @@ impl AdaLayerNormZero {
 fn init_embedder(init: Init) -> Init {
     match init {
         Init::XavierUniform => Init::Normal(0.02),
-        other => other,
-    }
-}
-
-fn init_zero(init: Init) -> Init {
-    match init {
-        Init::XavierUniform => Init::Zeros,
         other => other,
     }
 }
@@ -289,8 +282,9 @@ impl DiT {
         let blocks = (0..cfg.num_layers)
             .map(|i| DiTBlock::new(vb.pp(format!("transformer_blocks.{i}")), cfg, numerics, init))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let proj_out_1 = linear(&vb.pp("proj_out_1"), d, 2 * d, true, init_zero(init))?;
-        let proj_out_2 = linear(&vb.pp("proj_out_2"), d, p * p * cfg.out_channels(), true, init_zero(init))?;
+        let proj_out_1 = linear(&vb.pp("proj_out_1"), d, 2 * d, true, init.zero_when_training())?;
+        let proj_out_2 =
+            linear(&vb.pp("proj_out_2"), d, p * p * cfg.out_channels(), true, init.zero_when_training())?;
         let prediction = if cfg.out_channels() == 2 * cfg.in_channels {
             Prediction::EpsilonLearnedSigma
         } else {

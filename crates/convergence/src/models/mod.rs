@@ -5,6 +5,7 @@ pub mod dit;
 pub mod flux;
 pub mod sd3;
 pub mod text;
+pub mod text_dit;
 pub mod unet;
 pub mod vae;
 

@@ -303,8 +303,8 @@ impl SD3Transformer2DModel {
                 init,
             )?,
             transformer_blocks: blocks,
-            norm_out: AdaLayerNormContinuous::new(&vb.pp("norm_out"), d, d, init)?,
-            proj_out: linear(&vb.pp("proj_out"), d, out, true, init)?,
+            norm_out: AdaLayerNormContinuous::new(&vb.pp("norm_out"), d, d, init.zero_when_training())?,
+            proj_out: linear(&vb.pp("proj_out"), d, out, true, init.zero_when_training())?,
             capture: None,
         })
     }

@@ -65,6 +65,16 @@ pub enum Init {
 }
 
 impl Init {
+    /// adaLN-Zero's rule for modulation and output layers: zeros when training from scratch
+    /// (`XavierUniform`), so every block starts as the identity and the output at zero; the
+    /// given rule otherwise (checkpoints overwrite it anyway).
+    pub fn zero_when_training(self) -> Init {
+        match self {
+            Init::XavierUniform => Init::Zeros,
+            other => other,
+        }
+    }
+
     fn weight(self, fan_in: usize, fan_out: usize) -> candle_nn::Init {
         match self {
             Init::Default => {

@@ -61,10 +61,10 @@ impl JointTransformerBlock {
         };
         let image_chunks = if cfg.dual_attention { 9 } else { 6 };
         let (norm1_context, ff_context) = if cfg.context_pre_only {
-            let norm = AdaLayerNormContinuous::new(&vb.pp("norm1_context"), d, d, init)?;
+            let norm = AdaLayerNormContinuous::new(&vb.pp("norm1_context"), d, d, init.zero_when_training())?;
             (ContextNorm::Continuous(norm), None)
         } else {
-            let norm = linear(&vb.pp("norm1_context.linear"), d, 6 * d, true, init)?;
+            let norm = linear(&vb.pp("norm1_context.linear"), d, 6 * d, true, init.zero_when_training())?;
             (ContextNorm::Zero(norm), Some(FeedForward::new(vb.pp("ff_context"), d, 4 * d, d, init)?))
         };
         let attn2 = if cfg.dual_attention {
@@ -73,7 +73,7 @@ impl JointTransformerBlock {
             None
         };
         Ok(JointTransformerBlock {
-            norm1: linear(&vb.pp("norm1.linear"), d, image_chunks * d, true, init)?,
+            norm1: linear(&vb.pp("norm1.linear"), d, image_chunks * d, true, init.zero_when_training())?,
             norm1_context,
             attn: JointAttention::new(&vb.pp("attn"), &shape, cfg.context_pre_only, cfg.order, init)?,
             attn2,

@@ -4,6 +4,7 @@ pub mod dit;
 pub mod flux;
 pub mod sd3;
 pub mod sdxl;
+pub mod t2i;
 
 use crate::error::{Error, Result};
 use crate::models::any::AnyModel;

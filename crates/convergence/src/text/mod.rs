@@ -3,4 +3,6 @@
 
 pub mod tokenizer;
 
-pub use tokenizer::{ids_tensor, PromptTokenizer, TokenizedPrompt, Truncation};
+pub use tokenizer::{
+    ids_tensor, write_word_tokenizer, PromptTokenizer, TokenizedPrompt, Truncation, WORD_SPECIALS,
+};

@@ -266,6 +266,23 @@ impl PromptTokenizer {
         Ok(TokenizedPrompt { input_ids, attention_mask, untruncated_ids, truncation })
     }
 
+    /// The words of `prompt` that the vocabulary lacks (mapped to its unknown token, which a
+    /// model trained on a compact vocabulary cannot read).
+    pub fn unknown_words(&self, prompt: &str) -> Result<Vec<String>> {
+        let enc = self.inner.encode(prompt, false).map_err(run_error)?;
+        let unk = match self.inner.get_model() {
+            ModelWrapper::WordLevel(w) => self.inner.token_to_id(&w.unk_token),
+            _ => None,
+        };
+        Ok(enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_offsets())
+            .filter(|(&id, _)| Some(id) == unk)
+            .map(|(_, &(a, b))| prompt.get(a..b).unwrap_or_default().to_string())
+            .collect())
+    }
+
     /// Text of `ids` as transformers decodes it (special tokens kept; CLIP's `</w>` -> space).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let text = self.inner.decode(ids, false).map_err(run_error)?;
@@ -276,9 +293,69 @@ impl PromptTokenizer {
     }
 }
 
+/// The special tokens of a word-level tokenizer, at ids 0..4. The end token is not id 2, which
+/// CLIP configs reserve for the legacy "pool at the largest id" rule.
+pub const WORD_SPECIALS: [&str; 4] = ["<pad>", "<bos>", "<unk>", "<eos>"];
+
+/// Writes a word-level tokenizer over `words` (lowercased, split on whitespace and punctuation,
+/// `<bos> words <eos>` padded with `<pad>` to `max_length`) as `tokenizer.json` +
+/// `tokenizer_config.json` in `dir`: the compact vocabulary of a text encoder trained here,
+/// loadable by [`PromptTokenizer::from_dir`] and by transformers.
+pub fn write_word_tokenizer(dir: &Path, words: &[&str], max_length: usize) -> Result<()> {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::processors::template::TemplateProcessing;
+    let vocab: std::collections::HashMap<String, u32> =
+        WORD_SPECIALS.iter().chain(words).enumerate().map(|(i, w)| (w.to_string(), i as u32)).collect();
+    if vocab.len() != WORD_SPECIALS.len() + words.len() {
+        return Err(Error::msg("the word list has duplicates"));
+    }
+    let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("<unk>".into()).build();
+    let model = model.map_err(|e| tokenizer_error(dir, e))?;
+    let template = TemplateProcessing::builder()
+        .try_single("<bos> $A <eos>")
+        .map_err(|e| Error::msg(format!("tokenizer template: {e}")))?
+        .special_tokens(vec![("<bos>", 1), ("<eos>", 3)])
+        .build()
+        .map_err(|e| Error::msg(format!("tokenizer template: {e}")))?;
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer.with_normalizer(Some(Lowercase)).map_err(|e| tokenizer_error(dir, e))?;
+    tokenizer.with_pre_tokenizer(Some(Whitespace {})).with_post_processor(Some(template));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    tokenizer.save(dir.join("tokenizer.json"), true).map_err(|e| tokenizer_error(dir, e))?;
+    let config = serde_json::json!({
+        "model_max_length": max_length,
+        "pad_token": "<pad>", "bos_token": "<bos>", "unk_token": "<unk>", "eos_token": "<eos>",
+    });
+    let path = dir.join("tokenizer_config.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&config).map_err(Error::msg)? + "\n")
+        .map_err(|e| Error::io(&path, e))
+}
+
 /// The prompts' `input_ids` as one [B, max_length] u32 tensor, what the text encoders take.
 pub fn ids_tensor(prompts: &[TokenizedPrompt], dev: &Device) -> Result<Tensor> {
     let len = prompts.first().map_or(0, |p| p.input_ids.len());
     let ids: Vec<u32> = prompts.iter().flat_map(|p| p.input_ids.iter().copied()).collect();
     Ok(Tensor::from_vec(ids, (prompts.len(), len), dev)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_tokenizer_round_trips_through_its_files() {
+        let dir = std::env::temp_dir().join(format!("conv-words-{}", std::process::id()));
+        write_word_tokenizer(&dir, &["a", "red", "circle", "left", "of"], 8).unwrap();
+        let tok = PromptTokenizer::from_dir(&dir, None).unwrap();
+        let e = tok.encode("A red  circle, left").unwrap();
+        // <bos>=1, words from 4 on, "," is unknown (2), <eos>=3, then <pad>=0.
+        assert_eq!(e.input_ids, vec![1, 4, 5, 6, 2, 7, 3, 0]);
+        let long = tok.encode("a red circle left of a red circle").unwrap();
+        assert_eq!(long.input_ids.len(), 8);
+        assert_eq!(long.input_ids[7], 3);
+        assert_eq!(long.truncation.unwrap().removed_text, "red circle");
+        assert_eq!(tok.unknown_words("a pink circle, left").unwrap(), vec!["pink", ","]);
+        assert!(write_word_tokenizer(&dir, &["a", "a"], 8).is_err());
+    }
 }

@@ -6,9 +6,14 @@
 use super::data::{load_class_folders, load_idx_split, Channels, Dataset, FolderOptions, Size, Targets};
 use super::objective::Objective;
 use super::optim::AdamWConfig;
-use super::trainer::{new_dit, EpochCache, LoopConfig, Trainer};
+use super::trainer::{new_dit, new_text_model, EpochCache, LoopConfig, TextDenoiserConfig, Trainee, Trainer};
 use crate::error::{Error, Result};
 use crate::models::dit::DiTConfig;
+use crate::models::sd3::SD3Config;
+use crate::models::text::clip::CLIP_TEXT_MODEL_WITH_PROJECTION;
+use crate::models::text::ClipTextConfig;
+use crate::models::text_dit::{TextDiTConfig, TEXT_DIT_CLASS};
+use crate::text::{write_word_tokenizer, WORD_SPECIALS};
 use candle_core::Device;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -19,6 +24,9 @@ use std::time::Instant;
 pub struct TrainFile {
     pub out_dir: PathBuf,
     pub model: toml::Table,
+    /// The CLIP-style text encoder trained with a text-conditioned model (`ClipTextConfig`
+    /// fields; the vocabulary comes from the captions).
+    pub text_encoder: Option<toml::Table>,
     pub data: DataConfig,
     pub objective: Objective,
     pub optim: AdamWConfig,
@@ -33,6 +41,9 @@ pub enum DataConfig {
     Idx { path: PathBuf, split: String, classes: Option<Vec<String>> },
     /// Images in class subfolders (`root/<class>/*.png`), resized to `size` x `size`.
     Folders { path: PathBuf, size: usize, rgb: bool },
+    /// `count` procedural captioned scenes (crate::shapes) drawn from `seed`, without the
+    /// held-out colour-shape pairs.
+    Shapes { count: usize, seed: u64 },
 }
 
 impl DataConfig {
@@ -56,6 +67,9 @@ impl DataConfig {
                 let size = Size::Resize { height: *size, width: *size };
                 load_class_folders(path, FolderOptions { channels, size })
             }
+            DataConfig::Shapes { count, seed } => {
+                Ok(crate::shapes::dataset(*count, *seed, crate::shapes::Split::Train))
+            }
         }
     }
 }
@@ -73,41 +87,136 @@ impl TrainFile {
 
     /// The `[model]` table as a DiT config, refusing keys DiT does not have.
     pub fn dit_config(&self, path: &Path) -> Result<DiTConfig> {
-        let known = serde_json::to_value(DiTConfig::default()).map_err(Error::msg)?;
-        for key in self.model.keys() {
-            if !key.starts_with('_') && known.get(key).is_none() {
-                return Err(Error::config(path, format!("[model]: unknown key `{key}`")));
-            }
-        }
-        let class = self.model.get("_class_name").and_then(|v| v.as_str()).unwrap_or("DiTTransformer2DModel");
-        if class != "DiTTransformer2DModel" {
-            return Err(Error::config(path, format!("[model]: training `{class}` is not supported yet")));
-        }
-        let cfg: DiTConfig =
-            self.model.clone().try_into().map_err(|e| Error::config(path, format!("[model]: {e}")))?;
+        let cfg: DiTConfig = section(&self.model, path, "model")?;
         cfg.validate().map_err(|m| Error::config(path, format!("[model]: {m}")))?;
         Ok(cfg)
     }
+
+    /// `[model]`'s `_class_name` (DiT by default).
+    fn model_class(&self) -> &str {
+        self.model.get("_class_name").and_then(|v| v.as_str()).unwrap_or("DiTTransformer2DModel")
+    }
+
+    /// Builds the model the file describes, with the paper's initialisation drawn from the seed.
+    fn trainee(&self, path: &Path, data: &Dataset, dev: &Device) -> Result<Trainee> {
+        let seed = self.train.seed;
+        let denoiser = match self.model_class() {
+            "DiTTransformer2DModel" => return new_dit(&self.dit_config(path)?, &self.objective, seed, dev),
+            "SD3Transformer2DModel" => {
+                let cfg: SD3Config = section(&self.model, path, "model")?;
+                cfg.validate().map_err(|m| Error::config(path, format!("[model]: {m}")))?;
+                TextDenoiserConfig::SD3(cfg)
+            }
+            TEXT_DIT_CLASS => {
+                let cfg: TextDiTConfig = section(&self.model, path, "model")?;
+                cfg.validate().map_err(|m| Error::config(path, format!("[model]: {m}")))?;
+                TextDenoiserConfig::TextDiT(cfg)
+            }
+            other => {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "[model]: training `{other}` is not supported (DiTTransformer2DModel, \
+                         SD3Transformer2DModel, {TEXT_DIT_CLASS})"
+                    ),
+                ))
+            }
+        };
+        let Targets::Captions(captions) = &data.targets else {
+            return Err(Error::config(
+                path,
+                format!("[model]: `{}` needs captioned data", self.model_class()),
+            ));
+        };
+        if !matches!(self.objective, Objective::RectifiedFlow { .. }) {
+            return Err(Error::config(
+                path,
+                "[objective]: text-conditioned models train with rectified flow",
+            ));
+        }
+        let table = self.text_encoder.clone().unwrap_or_default();
+        let mut encoder: ClipTextConfig = section(&table, path, "text_encoder")?;
+        let words = vocabulary(captions);
+        let max_length = if table.contains_key("max_position_embeddings") {
+            encoder.max_position_embeddings
+        } else {
+            // <bos> + the longest caption + <eos>.
+            2 + captions.iter().map(|c| split_words(c).len()).max().unwrap_or(0)
+        };
+        let tokenizer_dir = self.out_dir.join("tokenizer");
+        write_word_tokenizer(
+            &tokenizer_dir,
+            &words.iter().map(String::as_str).collect::<Vec<_>>(),
+            max_length,
+        )?;
+        encoder.architectures = vec![CLIP_TEXT_MODEL_WITH_PROJECTION.into()];
+        encoder.vocab_size = WORD_SPECIALS.len() + words.len();
+        encoder.max_position_embeddings = max_length;
+        encoder.eos_token_id = 3;
+        encoder.validate().map_err(|m| Error::config(path, format!("[text_encoder]: {m}")))?;
+        new_text_model(&denoiser, &encoder, &tokenizer_dir, seed, dev)
+    }
+}
+
+/// A TOML section as config `T`, refusing keys `T` does not have (`_`-prefixed keys are notes).
+fn section<T: serde::de::DeserializeOwned + serde::Serialize + Default>(
+    table: &toml::Table,
+    path: &Path,
+    name: &str,
+) -> Result<T> {
+    let known = serde_json::to_value(T::default()).map_err(Error::msg)?;
+    if let Some(key) = table.keys().find(|k| !k.starts_with('_') && known.get(k.as_str()).is_none()) {
+        return Err(Error::config(path, format!("[{name}]: unknown key `{key}`")));
+    }
+    let mut table = table.clone();
+    table.retain(|k, _| !k.starts_with('_'));
+    table.try_into().map_err(|e| Error::config(path, format!("[{name}]: {e}")))
+}
+
+/// The words of a caption, as the word-level tokenizer splits them (lowercased; letter/digit
+/// runs and punctuation runs).
+fn split_words(caption: &str) -> Vec<String> {
+    let mut words: Vec<String> = vec![];
+    let mut prev: Option<bool> = None;
+    for ch in caption.to_lowercase().chars() {
+        if ch.is_whitespace() {
+            prev = None;
+            continue;
+        }
+        let word_char = ch.is_alphanumeric() || ch == '_';
+        match words.last_mut() {
+            Some(w) if prev == Some(word_char) => w.push(ch),
+            _ => words.push(ch.to_string()),
+        }
+        prev = Some(word_char);
+    }
+    words
+}
+
+/// Every distinct word of the captions, sorted.
+fn vocabulary(captions: &[String]) -> Vec<String> {
+    let set: std::collections::BTreeSet<String> = captions.iter().flat_map(|c| split_words(c)).collect();
+    set.into_iter().collect()
 }
 
 /// Builds the trainer of a train.toml, resuming from its checkpoint when asked.
 pub fn build(path: &Path, resume: bool, dev: &Device) -> Result<(Trainer, Dataset)> {
     let file = TrainFile::read(path)?;
-    let cfg = file.dit_config(path)?;
     let data = file.data.load()?;
     if data.is_empty() {
         return Err(Error::config(path, "[data]: the dataset is empty"));
     }
-    if (data.channels, data.height, data.width) != (cfg.in_channels, cfg.sample_size, cfg.sample_size) {
+    let trainee = file.trainee(path, &data, dev)?;
+    let [c, h, w] = trainee.sample_shape;
+    if (data.channels, data.height, data.width) != (c, h, w) {
         return Err(Error::config(
             path,
             format!(
-                "[model] expects {}x{}x{} inputs but the data is {}x{}x{}",
-                cfg.in_channels, cfg.sample_size, cfg.sample_size, data.channels, data.height, data.width
+                "[model] expects {c}x{h}x{w} inputs but the data is {}x{}x{}",
+                data.channels, data.height, data.width
             ),
         ));
     }
-    let trainee = new_dit(&cfg, &file.objective, file.train.seed, dev)?;
     let mut trainer = Trainer::new(trainee, file.objective, file.optim, file.train, &file.out_dir)?;
     if resume {
         let ckpt = trainer.checkpoint_path();
@@ -151,7 +260,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, until: Option<usize>, quiet: b
         let every = trainer.cfg.sample_every;
         if every > 0 && log.step % every == 0 {
             let file = trainer.out_dir.join(format!("samples/step-{:06}.png", log.step));
-            trainer.sample_grid(&file, data.classes().len())?;
+            trainer.sample_grid(&file, data)?;
         }
     }
     bar.finish();

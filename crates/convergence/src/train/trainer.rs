@@ -7,8 +7,12 @@ use super::objective::Objective;
 use super::optim::{AdamW, AdamWConfig, Ema};
 use crate::error::{Error, Result};
 use crate::models::dit::{DiT, DiTConfig, Numerics};
+use crate::models::sd3::{SD3Config, SD3Transformer2DModel};
+use crate::models::text::{ClipTextConfig, ClipTextModel};
+use crate::models::text_dit::{TextDiTConfig, TextDiTTransformer2DModel};
 use crate::models::{Conditioning, Denoiser, Prediction};
 use crate::nn::Init;
+use crate::pipelines::t2i::TextEncoder;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::seq::SliceRandom;
@@ -54,12 +58,74 @@ fn default_every() -> usize {
 pub struct Trainee {
     pub model: Box<dyn Denoiser>,
     pub varmap: VarMap,
-    /// The null class id (class-conditional models).
-    pub null_class: Option<u32>,
+    pub condition: Condition,
     /// config.json of the saved model.
     pub config_json: serde_json::Value,
     /// [C, H, W] of one training sample.
     pub sample_shape: [usize; 3],
+}
+
+/// What a trainee is conditioned on, and what `class_dropout` drops it to.
+pub enum Condition {
+    /// Class ids; dropped to the null class.
+    Class { null_class: u32 },
+    /// Captions through a text encoder trained with the model (its variables are
+    /// `text_encoder.*`, the denoiser's `transformer.*`); dropped to the empty caption.
+    Text {
+        encoder: Box<TextEncoder>,
+        /// config.json of the encoder and the tokenizer folder, saved with the model.
+        config_json: serde_json::Value,
+        tokenizer_dir: PathBuf,
+    },
+}
+
+/// The denoisers a text-conditioned trainee can have.
+#[derive(Clone, Debug)]
+pub enum TextDenoiserConfig {
+    /// MMDiT joint attention.
+    SD3(SD3Config),
+    /// DiT blocks with cross-attention or pooled-only conditioning (the ablation's baselines).
+    TextDiT(TextDiTConfig),
+}
+
+/// A fresh text-conditioned model: the denoiser and a CLIP-style encoder over the tokenizer in
+/// `tokenizer_dir`, drawn from `seed`.
+pub fn new_text_model(
+    denoiser: &TextDenoiserConfig,
+    encoder: &ClipTextConfig,
+    tokenizer_dir: &Path,
+    seed: u64,
+    dev: &Device,
+) -> Result<Trainee> {
+    let varmap = VarMap::new();
+    let vb = crate::weights::init::seeded_var_builder(&varmap, seed, DType::F32, dev);
+    let text = ClipTextModel::new(vb.pp("text_encoder"), encoder, Init::XavierUniform)?;
+    let (model, config_json, sample_shape): (Box<dyn Denoiser>, _, _) = match denoiser {
+        TextDenoiserConfig::SD3(c) => (
+            Box::new(SD3Transformer2DModel::new(vb.pp("transformer"), c, Init::XavierUniform)?),
+            c.to_diffusers_json(),
+            [c.in_channels, c.sample_size, c.sample_size],
+        ),
+        TextDenoiserConfig::TextDiT(c) => (
+            Box::new(TextDiTTransformer2DModel::new(vb.pp("transformer"), c, Init::XavierUniform)?),
+            c.to_diffusers_json(),
+            [c.in_channels, c.sample_size, c.sample_size],
+        ),
+    };
+    let tokenizer = crate::text::PromptTokenizer::from_dir(tokenizer_dir, None)?;
+    let mut encoder_json = serde_json::to_value(encoder).map_err(Error::msg)?;
+    encoder_json["model_type"] = "clip_text_model".into();
+    Ok(Trainee {
+        model,
+        varmap,
+        condition: Condition::Text {
+            encoder: Box::new(TextEncoder { tokenizer, model: text }),
+            config_json: encoder_json,
+            tokenizer_dir: tokenizer_dir.to_path_buf(),
+        },
+        config_json,
+        sample_shape,
+    })
 }
 
 /// A fresh class-conditional DiT with the paper's initialisation, drawn from `seed`.
@@ -77,7 +143,7 @@ pub fn new_dit(cfg: &DiTConfig, objective: &Objective, seed: u64, dev: &Device) 
     Ok(Trainee {
         model: Box::new(model),
         varmap,
-        null_class: Some(cfg.null_class() as u32),
+        condition: Condition::Class { null_class: cfg.null_class() as u32 },
         config_json: cfg.to_diffusers_json(),
         sample_shape: [cfg.in_channels, cfg.sample_size, cfg.sample_size],
     })
@@ -149,10 +215,9 @@ impl Trainer {
         let step = self.optim.step;
         let dev = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
         let idx = epoch_cache.indices(self, data.len(), step);
-        let (x0, labels) = data.batch(&idx, &dev)?;
+        let x0 = data.images(&idx, &dev)?;
         let mut rng = self.step_rng(step);
-        let labels = self.drop_labels(&labels, &mut rng)?;
-        let cond = Conditioning { class_labels: Some(labels), ..Default::default() };
+        let cond = self.conditioning(data, &idx, &mut rng, &dev)?;
         let loss = self.objective.loss(self.trainee.model.as_ref(), &x0, &cond, &mut rng)?;
         let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_v.is_finite() {
@@ -171,17 +236,31 @@ impl Trainer {
         Ok(StepLog { step: step + 1, loss: loss_v, grad_norm, lr, elapsed_s: 0.0 })
     }
 
-    fn drop_labels(&self, labels: &Tensor, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    /// The batch's conditioning, each item dropped (to the null class or the empty caption) with
+    /// probability `class_dropout`, which trains the unconditional branch for guidance.
+    fn conditioning(
+        &self,
+        data: &Dataset,
+        idx: &[usize],
+        rng: &mut ChaCha8Rng,
+        dev: &Device,
+    ) -> Result<Conditioning> {
         use rand::Rng;
-        let (Some(null), true) = (self.trainee.null_class, self.cfg.class_dropout > 0.0) else {
-            return Ok(labels.clone());
-        };
-        let v: Vec<u32> = labels
-            .to_vec1::<u32>()?
-            .into_iter()
-            .map(|l| if rng.gen::<f64>() < self.cfg.class_dropout { null } else { l })
-            .collect();
-        Ok(Tensor::from_vec(v, labels.dims(), labels.device())?)
+        let p = self.cfg.class_dropout;
+        let mut dropped = || p > 0.0 && rng.gen::<f64>() < p;
+        match &self.trainee.condition {
+            Condition::Class { null_class } => {
+                let ids = data.labels(idx, dev)?.to_vec1::<u32>()?;
+                let ids: Vec<u32> =
+                    ids.into_iter().map(|l| if dropped() { *null_class } else { l }).collect();
+                Ok(Conditioning { class_labels: Some(Tensor::new(ids, dev)?), ..Default::default() })
+            }
+            Condition::Text { encoder, .. } => {
+                let captions: Vec<&str> =
+                    data.captions(idx)?.into_iter().map(|c| if dropped() { "" } else { c }).collect();
+                Ok(crate::pipelines::t2i::conditioning(&encoder.encode(&captions, dev)?))
+            }
+        }
     }
 
     /// Writes model, EMA, optimiser moments, step and seed to one file, atomically.
@@ -265,8 +344,9 @@ impl Trainer {
         }
     }
 
-    /// A grid of 8 samples per class from the current (raw) weights, 20 steps.
-    pub fn sample_grid(&self, path: &Path, num_classes: usize) -> Result<()> {
+    /// A grid from the current (raw) weights, 20 steps, no guidance: 8 samples per class, or
+    /// per caption of the dataset's first 8 images.
+    pub fn sample_grid(&self, path: &Path, data: &Dataset) -> Result<()> {
         use crate::flow::{sample, ModelTime, SampleOptions, SamplerKind, Scheduler, SchedulerConfig};
         let (json, _) = self.scheduler_config();
         let class = json["_class_name"].as_str().unwrap_or_default();
@@ -276,16 +356,31 @@ impl Trainer {
             Objective::RectifiedFlow { .. } => SamplerKind::Euler,
             Objective::DdpmEpsilon { .. } => SamplerKind::Ddim,
         };
-        let labels: Vec<u32> = (0..num_classes as u32).flat_map(|c| std::iter::repeat_n(c, 8)).collect();
         let dev = self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+        let rows: Vec<usize> = match self.trainee.condition {
+            Condition::Class { .. } => (0..data.classes().len()).collect(),
+            Condition::Text { .. } => (0..data.len().min(8)).collect(),
+        };
+        let cond = match &self.trainee.condition {
+            Condition::Class { .. } => {
+                let labels: Vec<u32> = rows.iter().flat_map(|&c| std::iter::repeat_n(c as u32, 8)).collect();
+                Conditioning {
+                    class_labels: Some(Tensor::new(labels.as_slice(), &dev)?),
+                    ..Default::default()
+                }
+            }
+            Condition::Text { encoder, .. } => {
+                let captions = data.captions(&rows)?;
+                let repeated: Vec<&str> = captions.iter().flat_map(|&c| std::iter::repeat_n(c, 8)).collect();
+                crate::pipelines::t2i::conditioning(&encoder.encode(&repeated, &dev)?)
+            }
+        };
         let [c, h, w] = self.trainee.sample_shape;
         let noise = crate::noise::randn(
             &mut ChaCha8Rng::seed_from_u64(self.cfg.seed),
-            &[labels.len(), c, h, w],
+            &[rows.len() * 8, c, h, w],
             &dev,
         )?;
-        let cond =
-            Conditioning { class_labels: Some(Tensor::new(labels.as_slice(), &dev)?), ..Default::default() };
         let opts = SampleOptions { sampler, guidance: 1.0, seed: self.cfg.seed, time: ModelTime::Timestep };
         let x = sample(self.trainee.model.as_ref(), &noise, &cond, None, &schedule, &opts, |_, _| {})?;
         std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(|e| Error::io(path, e))?;
@@ -310,37 +405,63 @@ impl Trainer {
             .save(&self.out_dir.join("loss.png"))
     }
 
-    /// Saves the EMA model as a pipeline directory diffusers' layout: model_index.json (with
-    /// `id2label` and our sampling defaults), transformer/ (config.json + weights) and
-    /// scheduler/ (flow matching for rectified flow, DDIM for DDPM).
+    /// Saves the EMA model as a pipeline directory in diffusers' layout: model_index.json (with
+    /// our sampling defaults), transformer/ (config.json + weights), scheduler/ (flow matching
+    /// for rectified flow, DDIM for DDPM), and for class-conditional models `id2label`, for
+    /// text-conditioned ones text_encoder/ and tokenizer/.
     pub fn save_model(&self, dir: &Path, class_names: &[String], raw: bool) -> Result<()> {
         let write = |path: PathBuf, v: &serde_json::Value| -> Result<()> {
             std::fs::create_dir_all(path.parent().unwrap_or(dir)).map_err(|e| Error::io(dir, e))?;
             let text = serde_json::to_string_pretty(v).map_err(Error::msg)? + "\n";
             std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
         };
-        write(dir.join("transformer/config.json"), &self.trainee.config_json)?;
-        crate::weights::write_safetensors(
-            &self.weights(raw),
-            &dir.join("transformer/diffusion_pytorch_model.safetensors"),
-        )?;
+        let mut weights = self.weights(raw);
+        let transformer_class = self.trainee.config_json["_class_name"].clone();
         let (scheduler, defaults) = self.scheduler_config();
         write(dir.join("scheduler/scheduler_config.json"), &scheduler)?;
-        let id2label: serde_json::Map<String, serde_json::Value> =
-            class_names.iter().enumerate().map(|(i, n)| (i.to_string(), n.clone().into())).collect();
-        let class = scheduler["_class_name"].clone();
-        write(
-            dir.join("model_index.json"),
-            &serde_json::json!({
-                "_class_name": "DiTPipeline",
-                "_diffusers_version": "0.42.1",
-                "transformer": ["diffusers", "DiTTransformer2DModel"],
-                "scheduler": ["diffusers", class],
-                "vae": [null, null],
-                "id2label": id2label,
-                "convergence": defaults,
-            }),
-        )
+        write(dir.join("transformer/config.json"), &self.trainee.config_json)?;
+        let transformer_file = dir.join("transformer/diffusion_pytorch_model.safetensors");
+        let index = match &self.trainee.condition {
+            Condition::Class { .. } => {
+                crate::weights::write_safetensors(&weights, &transformer_file)?;
+                let id2label: serde_json::Map<String, serde_json::Value> =
+                    class_names.iter().enumerate().map(|(i, n)| (i.to_string(), n.clone().into())).collect();
+                serde_json::json!({
+                    "_class_name": "DiTPipeline",
+                    "_diffusers_version": "0.42.1",
+                    "transformer": ["diffusers", transformer_class],
+                    "scheduler": ["diffusers", scheduler["_class_name"]],
+                    "vae": [null, null],
+                    "id2label": id2label,
+                    "convergence": defaults,
+                })
+            }
+            Condition::Text { config_json, tokenizer_dir, .. } => {
+                let mut take = |prefix: &str| -> HashMap<String, Tensor> {
+                    let keys: Vec<String> =
+                        weights.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+                    keys.into_iter()
+                        .filter_map(|k| weights.remove(&k).map(|t| (k[prefix.len()..].to_string(), t)))
+                        .collect()
+                };
+                crate::weights::write_safetensors(&take("transformer."), &transformer_file)?;
+                crate::weights::write_safetensors(
+                    &take("text_encoder."),
+                    &dir.join("text_encoder/model.safetensors"),
+                )?;
+                write(dir.join("text_encoder/config.json"), config_json)?;
+                copy_files(tokenizer_dir, &dir.join("tokenizer"))?;
+                serde_json::json!({
+                    "_class_name": crate::pipelines::t2i::CLASS_NAME,
+                    "transformer": ["diffusers", transformer_class],
+                    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                    "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+                    "scheduler": ["diffusers", scheduler["_class_name"]],
+                    "convergence": {"steps": 20, "guidance": 4.0},
+                })
+            }
+        };
+        write(dir.join("model_index.json"), &index)
     }
 
     /// Drops metrics.jsonl lines after the current step (written by a run that was killed
@@ -366,6 +487,19 @@ impl Trainer {
             .map_err(|e| Error::io(&path, e))?;
         writeln!(f, "{}", serde_json::to_string(entry).map_err(Error::msg)?).map_err(|e| Error::io(&path, e))
     }
+}
+
+/// Copies the files of `from` (not its subfolders) into `to`.
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let path = entry.map_err(|e| Error::io(from, e))?.path();
+        if path.is_file() {
+            let dest = to.join(path.file_name().unwrap_or_default());
+            std::fs::copy(&path, &dest).map_err(|e| Error::io(&dest, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Caches the current epoch's permutation so a step costs one shuffle per epoch, not per sample.

@@ -1,6 +1,7 @@
 //! Pictures from tensors and numbers: image grids, line plots and attention heatmaps, all
 //! written as PNG with our own drawing code (a built-in 5x7 font, no system fonts).
 
+pub mod attention;
 mod font;
 pub mod grid;
 pub mod heatmap;

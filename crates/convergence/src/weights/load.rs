@@ -10,6 +10,7 @@ use crate::models::sd3::{SD3Config, SD3Transformer2DModel};
 use crate::models::text::clip::{CLIP_TEXT_MODEL, CLIP_TEXT_MODEL_WITH_PROJECTION};
 use crate::models::text::t5::T5_ENCODER_MODEL;
 use crate::models::text::{ClipTextConfig, ClipTextModel, T5Config, T5EncoderModel};
+use crate::models::text_dit::{TextDiTConfig, TextDiTTransformer2DModel, TEXT_DIT_CLASS};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::nn::Init;
@@ -73,6 +74,12 @@ fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<AnyModel> {
             cfg.validate().map_err(|m| Error::config(&config, m))?;
             let vb = store.var_builder(opts.dtype, &opts.device);
             Ok(AnyModel::SD3(SD3Transformer2DModel::new(vb, &cfg, Init::Default)?))
+        }
+        TEXT_DIT_CLASS => {
+            let cfg: TextDiTConfig = read_json(&config)?;
+            cfg.validate().map_err(|m| Error::config(&config, m))?;
+            let vb = store.var_builder(opts.dtype, &opts.device);
+            Ok(AnyModel::TextDiT(TextDiTTransformer2DModel::new(vb, &cfg, Init::Default)?))
         }
         "FluxTransformer2DModel" => {
             let cfg: FluxConfig = read_json(&config)?;

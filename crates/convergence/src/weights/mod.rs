@@ -262,6 +262,9 @@ pub fn read_safetensors(path: &Path, dev: &Device) -> Result<HashMap<String, Ten
 
 /// Writes tensors to a safetensors file atomically (temp file + rename).
 pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
     let tmp = path.with_extension("safetensors.tmp");
     candle_core::safetensors::save(tensors, &tmp)
         .map_err(|e| Error::msg(format!("{}: {}", tmp.display(), Error::from(e))))?;
