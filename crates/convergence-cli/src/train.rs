@@ -27,12 +27,20 @@ pub struct Args {
     /// With --export: the raw last-iterate weights instead of the EMA.
     #[arg(long, requires = "export")]
     raw: bool,
+    /// With --export: store the weights as f32, f16 or bf16 (f16 halves a model to ship).
+    #[arg(long, requires = "export", default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    dtype: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
     if let Some(dir) = a.export {
         let (trainer, data) = convergence::train::run::build(&a.config, true, &Device::Cpu)?;
-        trainer.save_model(&dir, data.classes(), a.raw)?;
+        let dtype = match a.dtype.as_str() {
+            "f16" => candle_core::DType::F16,
+            "bf16" => candle_core::DType::BF16,
+            _ => candle_core::DType::F32,
+        };
+        trainer.save_model(&dir, data.classes(), a.raw, dtype)?;
         trainer.plot_loss()?;
         println!(
             "exported the {} weights of step {} to {}",

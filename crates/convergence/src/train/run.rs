@@ -265,7 +265,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, until: Option<usize>, quiet: b
     }
     bar.finish();
     if trainer.step() == trainer.cfg.steps {
-        trainer.save_model(&trainer.out_dir.join("model"), data.classes(), false)?;
+        trainer.save_model(&trainer.out_dir.join("model"), data.classes(), false, candle_core::DType::F32)?;
     }
     Ok(())
 }

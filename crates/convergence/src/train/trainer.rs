@@ -408,14 +408,19 @@ impl Trainer {
     /// Saves the EMA model as a pipeline directory in diffusers' layout: model_index.json (with
     /// our sampling defaults), transformer/ (config.json + weights), scheduler/ (flow matching
     /// for rectified flow, DDIM for DDPM), and for class-conditional models `id2label`, for
-    /// text-conditioned ones text_encoder/ and tokenizer/.
-    pub fn save_model(&self, dir: &Path, class_names: &[String], raw: bool) -> Result<()> {
+    /// text-conditioned ones text_encoder/ and tokenizer/. Weights are stored as `dtype` (f16
+    /// halves a shipped model; loading converts back to the compute dtype).
+    pub fn save_model(&self, dir: &Path, class_names: &[String], raw: bool, dtype: DType) -> Result<()> {
         let write = |path: PathBuf, v: &serde_json::Value| -> Result<()> {
             std::fs::create_dir_all(path.parent().unwrap_or(dir)).map_err(|e| Error::io(dir, e))?;
             let text = serde_json::to_string_pretty(v).map_err(Error::msg)? + "\n";
             std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
         };
-        let mut weights = self.weights(raw);
+        let mut weights = self
+            .weights(raw)
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
         let transformer_class = self.trainee.config_json["_class_name"].clone();
         let (scheduler, defaults) = self.scheduler_config();
         write(dir.join("scheduler/scheduler_config.json"), &scheduler)?;
