@@ -210,13 +210,22 @@ fn conditioning(a: ConditioningArgs) -> Result<()> {
     Ok(())
 }
 
-/// (step, loss, elapsed seconds) of every line of a run's metrics.jsonl.
+/// (step, loss, training seconds so far) of every line of a run's metrics.jsonl. `elapsed_s`
+/// restarts with each resumed segment; the segments are added up.
 fn read_log(path: &std::path::Path) -> Result<Vec<(f64, f64, f64)>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (mut done, mut last) = (0.0, 0.0);
     Ok(text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?, v["elapsed_s"].as_f64()?)))
+        .map(|(step, loss, elapsed)| {
+            if elapsed < last {
+                done += last;
+            }
+            last = elapsed;
+            (step, loss, done + elapsed)
+        })
         .collect())
 }
 
@@ -238,7 +247,7 @@ fn pct(t: convergence::eval::prompt::Tally) -> String {
 
 fn conditioning_table(rows: &[VariantRow]) -> Result<String> {
     let mut md = String::from(
-        "| variant | parameters (transformer + text encoder) | steps | train time | final loss | seen: colour | shape | size | relation | **whole** | held-out: colour | shape | size | relation | **whole** |\n\
+        "| variant | parameters (transformer + text encoder) | steps | wall-clock (shared 2 cores) | final loss | seen: colour | shape | size | relation | **whole** | held-out: colour | shape | size | relation | **whole** |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
