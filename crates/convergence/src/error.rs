@@ -5,12 +5,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io error is part of the message, not a `source`: error reports that print the
+    /// chain would otherwise say it twice.
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error("{path}: not a valid {format} file: {reason}")]
     Corrupt { path: PathBuf, format: &'static str, reason: String },
     #[error("{path}: missing tensor `{tensor}` (expected shape {expected:?})")]
@@ -34,8 +32,8 @@ impl Error {
         Error::Msg(m.to_string())
     }
 
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        Error::Io { path: path.into(), cause }
     }
 
     pub fn config(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
