@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 use crate::models::{Conditioning, Denoiser, Prediction};
 use crate::nn::adaln::{chunks, gated_residual, modulate};
 use crate::nn::{
-    layer_norm, linear, sincos_2d, timestep_embedding, unpatchify, Attention, FeedForward, Init,
-    LabelEmbedding, Linear, PatchEmbed, PatchOrder, Sinusoid, TimestepEmbedding,
+    layer_norm, linear, timestep_embedding, unpatchify, Attention, FeedForward, Init, LabelEmbedding, Linear,
+    PatchEmbed, PatchOrder, SincosPositions, Sinusoid, TimestepEmbedding,
 };
 use crate::weights::{ParamList, ShapeRecorder};
 use candle_core::{DType, Module, Tensor};
@@ -259,7 +259,7 @@ pub struct DiT {
     prediction: Prediction,
     patch_embed: PatchEmbed,
     /// The native-resolution position table (stored in official checkpoints, computed otherwise).
-    pos_table: Tensor,
+    pos_table: SincosPositions,
     transformer_blocks: Vec<DiTBlock>,
     proj_out_1: Linear,
     proj_out_2: Linear,
@@ -275,9 +275,9 @@ impl DiT {
         let pe = vb.pp("pos_embed");
         let patch_embed = PatchEmbed::new(&pe.pp("proj"), c, d, p, init)?;
         let pos_table = if pe.contains_tensor("pos_embed") {
-            pe.get((1, grid * grid, d), "pos_embed")?.squeeze(0)?
+            SincosPositions::stored(pe.get((1, grid * grid, d), "pos_embed")?.squeeze(0)?, grid)
         } else {
-            sincos_2d(d, grid, grid, grid as f32, 1.0, vb.device())?.to_dtype(vb.dtype())?
+            SincosPositions::new(d, grid, vb.dtype(), vb.device())?
         };
         let blocks = (0..cfg.num_layers)
             .map(|i| DiTBlock::new(vb.pp(format!("transformer_blocks.{i}")), cfg, numerics, init))
@@ -312,17 +312,6 @@ impl DiT {
         &self.cfg
     }
 
-    /// Position table for a gh x gw patch grid; other sizes than the native one are computed like
-    /// diffusers' `PatchEmbed` does (positions scaled by base_size / grid).
-    fn pos_embed(&self, gh: usize, gw: usize) -> candle_core::Result<Tensor> {
-        let native = self.cfg.sample_size / self.cfg.patch_size;
-        if gh == native && gw == native {
-            return Ok(self.pos_table.clone());
-        }
-        sincos_2d(self.cfg.hidden(), gh, gw, native as f32, 1.0, self.pos_table.device())?
-            .to_dtype(self.pos_table.dtype())
-    }
-
     fn time_freq(&self, t: &Tensor) -> candle_core::Result<Tensor> {
         let shift = match self.numerics {
             Numerics::Diffusers => 1.0,
@@ -346,7 +335,7 @@ impl DiT {
         let t = if t.rank() == 0 { t.broadcast_as(b)? } else { t.clone() };
         let labels = if labels.rank() == 0 { labels.broadcast_as(b)? } else { labels.clone() };
         let tokens = self.patch_embed.forward(x)?;
-        let mut x = tokens.broadcast_add(&self.pos_embed(gh, gw)?.unsqueeze(0)?)?;
+        let mut x = tokens.broadcast_add(&self.pos_table.grid(gh, gw)?.unsqueeze(0)?)?;
         let t_freq = self.time_freq(&t)?;
         for block in &self.transformer_blocks {
             let c = block.norm1.condition(&t_freq, &labels)?;

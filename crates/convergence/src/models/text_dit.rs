@@ -7,8 +7,8 @@
 use crate::error::{Error, Result};
 use crate::models::{Conditioning, Denoiser, Prediction};
 use crate::nn::{
-    adaln_zero, gated_residual, layer_norm, linear, modulate, sincos_2d, unpatchify, AdaLayerNormContinuous,
-    Attention, AttentionShape, FeedForward, Init, Linear, PatchEmbed, PatchOrder, TimeTextEmbedding,
+    adaln_zero, gated_residual, layer_norm, linear, modulate, unpatchify, AdaLayerNormContinuous, Attention,
+    AttentionShape, FeedForward, Init, Linear, PatchEmbed, PatchOrder, SincosPositions, TimeTextEmbedding,
 };
 use crate::weights::{ParamList, ShapeRecorder};
 use candle_core::{Module, Tensor};
@@ -167,7 +167,7 @@ pub struct TextDiTTransformer2DModel {
     cfg: TextDiTConfig,
     patch_embed: PatchEmbed,
     /// The sin-cos table of the native patch grid [N, D] (computed, not stored).
-    pos_table: Tensor,
+    pos_table: SincosPositions,
     time_text_embed: TimeTextEmbedding,
     transformer_blocks: Vec<TextDiTBlock>,
     norm_out: AdaLayerNormContinuous,
@@ -187,7 +187,7 @@ impl TextDiTTransformer2DModel {
         Ok(TextDiTTransformer2DModel {
             cfg: cfg.clone(),
             patch_embed: PatchEmbed::new(&vb.pp("pos_embed.proj"), cfg.in_channels, d, p, init)?,
-            pos_table: sincos_2d(d, grid, grid, grid as f32, 1.0, vb.device())?.to_dtype(vb.dtype())?,
+            pos_table: SincosPositions::new(d, grid, vb.dtype(), vb.device())?,
             time_text_embed: TimeTextEmbedding::new(
                 vb.pp("time_text_embed"),
                 d,
@@ -209,17 +209,6 @@ impl TextDiTTransformer2DModel {
 
     pub fn config(&self) -> &TextDiTConfig {
         &self.cfg
-    }
-
-    /// Position table for a gh x gw patch grid, scaled to the native grid as SD3 without a
-    /// stored table does.
-    fn pos_embed(&self, gh: usize, gw: usize) -> candle_core::Result<Tensor> {
-        let native = self.cfg.sample_size / self.cfg.patch_size;
-        if gh == native && gw == native {
-            return Ok(self.pos_table.clone());
-        }
-        sincos_2d(self.cfg.hidden(), gh, gw, native as f32, 1.0, self.pos_table.device())?
-            .to_dtype(self.pos_table.dtype())
     }
 
     /// x [B, C, H, W] (sides multiples of the patch size), t [B] or scalar (sigma * 1000), text
@@ -255,7 +244,8 @@ impl TextDiTTransformer2DModel {
         let t = if t.rank() == 0 { t.broadcast_as(b)? } else { t.clone() };
         let temb = self.time_text_embed.forward(&t, None, pooled)?;
         let (gh, gw) = (h / p, w / p);
-        let mut x = self.patch_embed.forward(x)?.broadcast_add(&self.pos_embed(gh, gw)?.unsqueeze(0)?)?;
+        let mut x =
+            self.patch_embed.forward(x)?.broadcast_add(&self.pos_table.grid(gh, gw)?.unsqueeze(0)?)?;
         for block in &self.transformer_blocks {
             x = block.forward(&x, &temb, text)?;
         }

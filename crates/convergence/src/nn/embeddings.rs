@@ -62,6 +62,40 @@ pub fn sincos_2d(
     sincos_grid(dim, &rows, &cols, dev)
 }
 
+/// A fixed 2-D sin-cos position table kept for the native `native` x `native` patch grid (DiT's
+/// and TextDiT's `pos_embed`); other grids are computed with positions scaled to the native one,
+/// as diffusers' `PatchEmbed` does.
+#[derive(Clone, Debug)]
+pub struct SincosPositions {
+    table: Tensor,
+    native: usize,
+}
+
+impl SincosPositions {
+    /// The computed table for width `dim` on a `native` grid.
+    pub fn new(dim: usize, native: usize, dtype: candle_core::DType, dev: &Device) -> Result<Self> {
+        Ok(Self::stored(sincos_2d(dim, native, native, native as f32, 1.0, dev)?.to_dtype(dtype)?, native))
+    }
+
+    /// A table [native^2, dim] a checkpoint stores.
+    pub fn stored(table: Tensor, native: usize) -> Self {
+        SincosPositions { table, native }
+    }
+
+    /// The table [gh * gw, dim] for a `gh` x `gw` grid.
+    pub fn grid(&self, gh: usize, gw: usize) -> Result<Tensor> {
+        if gh == self.native && gw == self.native {
+            return Ok(self.table.clone());
+        }
+        sincos_2d(self.table.dim(1)?, gh, gw, self.native as f32, 1.0, self.table.device())?
+            .to_dtype(self.table.dtype())
+    }
+
+    pub fn dtype(&self) -> candle_core::DType {
+        self.table.dtype()
+    }
+}
+
 /// The `gh` x `gw` window at (`top`, `left`) of the square table
 /// `sincos_2d(dim, max, max, base_size, 1.0)`, computed without the rest of the table (SD3 crops
 /// its stored `pos_embed_max_size` table to the latent's patch grid).

@@ -22,8 +22,8 @@ pub use attention::{
 pub use capture::{AttentionCapture, CaptureSite, JointAttentionMap, JointLayout, TokenOrder};
 pub use conv::{Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, ResnetShape, Upsample2D};
 pub use embeddings::{
-    sincos_2d, sincos_2d_window, timestep_embedding, LabelEmbedding, Sinusoid, TextProjection,
-    TimeTextEmbedding, TimestepEmbedding,
+    sincos_2d, sincos_2d_window, timestep_embedding, LabelEmbedding, SincosPositions, Sinusoid,
+    TextProjection, TimeTextEmbedding, TimestepEmbedding,
 };
 pub use linear::{linear, Init, Linear};
 pub use mlp::FeedForward;

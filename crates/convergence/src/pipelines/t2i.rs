@@ -35,12 +35,6 @@ impl TextEncoder {
         let toks = prompts.iter().map(|p| self.tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
         let mut warnings: Vec<String> =
             toks.iter().filter_map(|t| t.truncation.as_ref().map(|w| w.to_string())).collect();
-        for p in prompts {
-            let unknown = self.tokenizer.unknown_words(p)?;
-            if !unknown.is_empty() {
-                warnings.push(format!("not in the model's vocabulary (ignored): {}", unknown.join(", ")));
-            }
-        }
         warnings.dedup();
         let out = self.model.forward(&ids_tensor(&toks, dev)?)?;
         let pooled = out.text_embeds.ok_or_else(|| Error::msg("the text encoder has no projection"))?;
@@ -105,8 +99,20 @@ impl T2IPipeline {
         self.transformer.sample_shape().ok_or_else(|| Error::msg("the transformer has no fixed sample size"))
     }
 
+    /// The prompts' embeddings; words the vocabulary lacks are named in the warnings (the
+    /// trainer, whose captions define the vocabulary, skips that second tokenisation).
     pub fn encode_prompt(&self, prompts: &[&str]) -> Result<PromptEmbeds> {
-        self.text_encoder.encode(prompts, &self.device)
+        let mut embeds = self.text_encoder.encode(prompts, &self.device)?;
+        for p in prompts {
+            let unknown = self.text_encoder.tokenizer.unknown_words(p)?;
+            if !unknown.is_empty() {
+                embeds
+                    .warnings
+                    .push(format!("not in the model's vocabulary (ignored): {}", unknown.join(", ")));
+            }
+        }
+        embeds.warnings.dedup();
+        Ok(embeds)
     }
 
     /// The initial noise of images `range` of a `generate` call with `seed`: image k's from the
