@@ -20,7 +20,7 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     /// Captions to judge a text-to-image model on, one per line (default model: the shipped
-    /// shapes MMDiT); e.g. docs/prompts/seen.txt, docs/prompts/held-out.txt.
+    /// shapes MMDiT); e.g. docs/conditioning/prompts-seen.txt or prompts-held-out.txt.
     #[arg(long, conflicts_with = "samples")]
     prompts: Option<PathBuf>,
     /// A model directory to sample from (default: the shipped Fashion-MNIST DiT).
@@ -32,12 +32,16 @@ pub struct Args {
     /// Images to generate (balanced over the classes).
     #[arg(long, default_value_t = 1000)]
     num_images: usize,
+    /// Sampling steps (default: the model's own, from its scheduler config).
     #[arg(long)]
     steps: Option<usize>,
+    /// Fashion-MNIST sampler: euler, heun, ddim or ddpm (default: the model's own).
     #[arg(long)]
     sampler: Option<String>,
+    /// Classifier-free guidance scale (default: the model's own).
     #[arg(long)]
     guidance_scale: Option<f64>,
+    /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// The classifier directory (default: models/fashion-classifier).

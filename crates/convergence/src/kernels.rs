@@ -1,6 +1,8 @@
 //! CPU kernels as candle custom ops, each with its own backward: fewer graph nodes, no
-//! temporaries, vectorisable loops. Every op falls back to the plain composition off the CPU or
-//! for dtypes other than f32, and is tested against that composition (values and gradients).
+//! temporaries, vectorisable loops. Half-precision (bf16/f16) activations are widened to f32 for
+//! the kernel and narrowed after, so their arithmetic is f32 as the bf16 mode promises. Every op
+//! falls back to the plain composition off the CPU, and is tested against that composition
+//! (values and gradients).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -53,6 +55,19 @@ where
         out.par_chunks_mut(row).enumerate().for_each(|(i, o)| f(i, o));
     } else {
         out.chunks_mut(row).enumerate().for_each(|(i, o)| f(i, o));
+    }
+}
+
+/// `op` applied on the CPU in f32 (half-precision inputs widened and the result narrowed back);
+/// `None` where the kernels do not apply (another device, an integer dtype).
+fn cpu_kernel(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() {
+        return Ok(None);
+    }
+    match x.dtype() {
+        DType::F32 => Ok(Some(x.contiguous()?.apply_op1(op)?)),
+        dt @ (DType::BF16 | DType::F16) => Ok(Some(x.to_dtype(DType::F32)?.apply_op1(op)?.to_dtype(dt)?)),
+        _ => Ok(None),
     }
 }
 
@@ -109,10 +124,9 @@ impl CustomOp2 for GeluTanhGrad {
 
 /// GELU with the tanh approximation (diffusers' `gelu-approximate`).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(GeluTanh)
-    } else {
-        x.gelu()
+    match cpu_kernel(x, GeluTanh)? {
+        Some(y) => Ok(y),
+        None => x.gelu(),
     }
 }
 
@@ -179,10 +193,9 @@ impl CustomOp2 for SoftmaxGrad {
 /// Softmax over the last axis, with a backward (candle-nn's fused `softmax_last_dim` has none,
 /// so gradients would silently stop at every attention's queries and keys).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(Softmax)
-    } else {
-        candle_nn::ops::softmax(x, D::Minus1)
+    match cpu_kernel(x, Softmax)? {
+        Some(y) => Ok(y),
+        None => candle_nn::ops::softmax(x, D::Minus1),
     }
 }
 
@@ -258,10 +271,9 @@ impl CustomOp2 for LayerNormGrad {
 
 /// LayerNorm over the last axis without affine parameters.
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(LayerNorm { eps: eps as f32 })
-    } else {
-        composed_layer_norm(x, eps)
+    match cpu_kernel(x, LayerNorm { eps: eps as f32 })? {
+        Some(y) => Ok(y),
+        None => composed_layer_norm(x, eps),
     }
 }
 
@@ -355,6 +367,30 @@ mod tests {
         let fd = (loss(&p) - loss(&m)) / (2.0 * h as f64);
         let an = g1.flatten_all()?.to_vec1::<f32>()?[k] as f64;
         assert!((fd - an).abs() < 2e-2 * an.abs().max(1.0), "fd {fd} vs analytic {an}");
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_inputs_match_the_f32_composition_to_bf16_rounding() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2., (4, 96), &dev)?.to_dtype(DType::BF16)?;
+        let x32 = x.to_dtype(DType::F32)?;
+        let cases: [(&str, Tensor, Tensor); 3] = [
+            ("gelu", gelu_tanh(&x)?, x32.gelu()?),
+            ("softmax", softmax_last_dim(&x)?, candle_nn::ops::softmax(&x32, D::Minus1)?),
+            ("layer_norm", layer_norm(&x, 1e-6)?, composed_layer_norm(&x32, 1e-6)?),
+        ];
+        for (name, half, reference) in cases {
+            assert_eq!(half.dtype(), DType::BF16, "{name}");
+            // One rounding to bf16 (8 significant bits): relative error at most 2^-8.
+            let err = (half.to_dtype(DType::F32)? - &reference)?.abs()?;
+            let bound = ((reference.abs()? * (1.0 / 256.0))? + 1e-6)?;
+            assert_eq!(err.gt(&bound)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?, 0.0, "{name}");
+        }
+        // Gradients flow back through the widening to a bf16 variable.
+        let v = Var::from_tensor(&x)?;
+        let grads = gelu_tanh(v.as_tensor())?.sum_all()?.backward()?;
+        assert_eq!(grads.get(v.as_tensor()).map(|g| g.dtype()), Some(DType::BF16));
         Ok(())
     }
 }
