@@ -4,7 +4,7 @@
 //! falls back to the plain composition off the CPU, and is tested against that composition
 //! (values and gradients).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Rows below this many elements are processed on one thread (spawning costs more).
@@ -287,6 +287,298 @@ pub fn composed_layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     centred.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
 }
 
+// Per-sample vectors broadcast over the tokens: adaLN modulation, gated residuals and linear
+// biases. candle's backward of a broadcast reduces with an integer division per element and
+// builds the product first; these compute the reductions in the same pass as the input gradient.
+
+/// Whether the token-broadcast kernels apply: f32 on the CPU, x [B, L, D] and rows [B, D].
+fn token_broadcast(x: &Tensor, rows: &[&Tensor]) -> bool {
+    let (Ok((b, _, d)), true) = (x.dims3(), x.device().is_cpu() && x.dtype() == DType::F32) else {
+        return false;
+    };
+    rows.iter().all(|r| r.dtype() == DType::F32 && r.dims() == [b, d])
+}
+
+/// Splits a [B, L, D] gradient buffer and `n` [B, D] reduction buffers (packed after it) into
+/// per-sample pieces, processed in parallel: `f(sample, its [L, D] slice, its n rows)`.
+fn per_sample<F>(out: &mut [f32], (b, l, d): (usize, usize, usize), n: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [&mut [f32]]) + Sync,
+{
+    let (tokens, rest) = out.split_at_mut(b * l * d);
+    let mut rows: Vec<Vec<&mut [f32]>> = (0..b).map(|_| Vec::with_capacity(n)).collect();
+    for block in rest.chunks_mut(b * d).take(n) {
+        for (i, row) in block.chunks_mut(d).enumerate() {
+            rows[i].push(row);
+        }
+    }
+    let work = |(i, (t, r)): (usize, (&mut [f32], &mut Vec<&mut [f32]>))| f(i, t, r);
+    if tokens.len() >= PAR_MIN {
+        tokens.par_chunks_mut(l * d).zip(rows.par_iter_mut()).enumerate().for_each(work);
+    } else {
+        tokens.chunks_mut(l * d).zip(rows.iter_mut()).enumerate().for_each(work);
+    }
+}
+
+/// Cuts a packed gradient ([B, L, D] then `n` [B, D]) into its tensors.
+fn unpack(packed: &Tensor, (b, l, d): (usize, usize, usize), n: usize) -> Result<Vec<Tensor>> {
+    let mut parts = vec![packed.narrow(0, 0, b * l * d)?.reshape((b, l, d))?];
+    for k in 0..n {
+        parts.push(packed.narrow(0, b * l * d + k * b * d, b * d)?.reshape((b, d))?);
+    }
+    Ok(parts)
+}
+
+/// The three inputs of a token-broadcast op as contiguous f32 slices.
+fn contiguous3<'a>(op: &str, inputs: [(&'a CpuStorage, &Layout); 3]) -> Result<[&'a [f32]; 3]> {
+    let [a, b, c] = inputs;
+    Ok([contiguous_f32(a.0, a.1, op)?, contiguous_f32(b.0, b.1, op)?, contiguous_f32(c.0, c.1, op)?])
+}
+
+fn dims3(l: &Layout) -> Result<(usize, usize, usize)> {
+    l.shape().dims3()
+}
+
+struct Modulate;
+struct ModulateGrad;
+
+impl CustomOp3 for Modulate {
+    fn name(&self) -> &'static str {
+        "modulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [x, shift, scale] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
+        let (_, l, d) = dims3(l1)?;
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, d, |i, o| {
+            let (sh, sc) = (&shift[i / l * d..][..d], &scale[i / l * d..][..d]);
+            for (j, (o, v)) in o.iter_mut().zip(&x[i * d..]).enumerate() {
+                *o = v * (1.0 + sc[j]) + sh[j];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, scale: &Tensor, _: &Tensor, g: &Tensor) -> ModulateGrads {
+        let packed = x.apply_op3_no_bwd(scale, &g.contiguous()?, &ModulateGrad)?;
+        let [dx, dshift, dscale]: [Tensor; 3] =
+            unpack(&packed, x.dims3()?, 2)?.try_into().expect("three parts");
+        Ok((Some(dx), Some(dshift), Some(dscale)))
+    }
+}
+
+type ModulateGrads = Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
+
+impl CustomOp3 for ModulateGrad {
+    fn name(&self) -> &'static str {
+        "modulate-grad"
+    }
+
+    /// Packed [dx = g (1 + scale), dshift = sum_l g, dscale = sum_l g x].
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [x, scale, g] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
+        let (b, l, d) = dims3(l1)?;
+        let mut out = vec![0f32; b * l * d + 2 * b * d];
+        per_sample(&mut out, (b, l, d), 2, |i, dx, rows| {
+            let sc = &scale[i * d..][..d];
+            let (xs, gs) = (&x[i * l * d..][..l * d], &g[i * l * d..][..l * d]);
+            let (dshift, dscale) = rows.split_at_mut(1);
+            let (dshift, dscale) = (&mut *dshift[0], &mut *dscale[0]);
+            for ((dx, x), g) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                for j in 0..d {
+                    dx[j] = g[j] * (1.0 + sc[j]);
+                    dshift[j] += g[j];
+                    dscale[j] += g[j] * x[j];
+                }
+            }
+        });
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// `x * (1 + scale) + shift` with `shift`/`scale` [B, D] broadcast over the tokens of x [B, L, D].
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    if token_broadcast(x, &[shift, scale]) {
+        x.contiguous()?.apply_op3(&shift.contiguous()?, &scale.contiguous()?, Modulate)
+    } else {
+        composed_modulate(x, shift, scale)
+    }
+}
+
+/// The reference composition of [`modulate`].
+pub fn composed_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
+}
+
+struct GatedResidual;
+struct GatedResidualGrad;
+
+impl CustomOp3 for GatedResidual {
+    fn name(&self) -> &'static str {
+        "gated-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [x, gate, y] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
+        let (_, l, d) = dims3(l1)?;
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |i, o| {
+            let gt = &gate[i / l * d..][..d];
+            for (j, ((o, x), y)) in o.iter_mut().zip(&x[i * d..]).zip(&y[i * d..]).enumerate() {
+                *o = x + gt[j] * y;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, gate: &Tensor, y: &Tensor, _: &Tensor, g: &Tensor) -> ModulateGrads {
+        let g = g.contiguous()?;
+        let packed = gate.apply_op3_no_bwd(y, &g, &GatedResidualGrad)?;
+        let [dy, dgate]: [Tensor; 2] = unpack(&packed, y.dims3()?, 1)?.try_into().expect("two parts");
+        Ok((Some(g), Some(dgate), Some(dy)))
+    }
+}
+
+impl CustomOp3 for GatedResidualGrad {
+    fn name(&self) -> &'static str {
+        "gated-residual-grad"
+    }
+
+    /// Packed [dy = g gate, dgate = sum_l g y].
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [gate, y, g] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
+        let (b, l, d) = dims3(l2)?;
+        let mut out = vec![0f32; b * l * d + b * d];
+        per_sample(&mut out, (b, l, d), 1, |i, dy, rows| {
+            let gt = &gate[i * d..][..d];
+            let (ys, gs) = (&y[i * l * d..][..l * d], &g[i * l * d..][..l * d]);
+            let dgate = &mut *rows[0];
+            for ((dy, y), g) in dy.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
+                for j in 0..d {
+                    dy[j] = g[j] * gt[j];
+                    dgate[j] += g[j] * y[j];
+                }
+            }
+        });
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// The adaLN-Zero residual `x + gate * branch`, `gate` [B, D] broadcast over the tokens.
+pub fn gated_residual(x: &Tensor, gate: &Tensor, branch: &Tensor) -> Result<Tensor> {
+    if token_broadcast(x, &[gate]) && branch.dims() == x.dims() && branch.dtype() == DType::F32 {
+        x.contiguous()?.apply_op3(&gate.contiguous()?, &branch.contiguous()?, GatedResidual)
+    } else {
+        composed_gated_residual(x, gate, branch)
+    }
+}
+
+/// The reference composition of [`gated_residual`].
+pub fn composed_gated_residual(x: &Tensor, gate: &Tensor, branch: &Tensor) -> Result<Tensor> {
+    x + branch.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
+struct AddBias;
+struct ColumnSums;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, b) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
+        let mut out = vec![0f32; y.len()];
+        par_rows(&mut out, b.len(), |i, o| {
+            for ((o, y), b) in o.iter_mut().zip(&y[i * b.len()..]).zip(b) {
+                *o = y + b;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let db = g.apply_op1_no_bwd(&ColumnSums)?;
+        Ok((Some(g), Some(db)))
+    }
+}
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s, l, self.name())?;
+        let (_, d) = l.shape().dims2()?;
+        let mut sums = vec![0f32; d];
+        for row in g.chunks(d) {
+            for (s, v) in sums.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        Ok((CpuStorage::F32(sums), Shape::from(d)))
+    }
+}
+
+/// `y + b` for a linear's output y [R, D] and its bias b [D]; the bias gradient is one pass of
+/// column sums.
+pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let fits = y.device().is_cpu() && y.dtype() == DType::F32 && b.dtype() == DType::F32;
+    match (fits, y.dims2(), b.dims1()) {
+        (true, Ok((_, d)), Ok(n)) if d == n => y.contiguous()?.apply_op2(&b.contiguous()?, AddBias),
+        _ => y.broadcast_add(b),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,5 +684,68 @@ mod tests {
         let grads = gelu_tanh(v.as_tensor())?.sum_all()?.backward()?;
         assert_eq!(grads.get(v.as_tensor()).map(|g| g.dtype()), Some(DType::BF16));
         Ok(())
+    }
+
+    type Op = fn(&[Tensor]) -> Result<Tensor>;
+
+    /// The fused op and its composition agree in value and in every input's gradient (under a
+    /// random linear functional of the output), and a central difference confirms one gradient.
+    fn check_against_composition(shapes: &[&[usize]], fused: Op, composed: Op) -> Result<()> {
+        let dev = Device::Cpu;
+        let vars: Vec<Var> = shapes
+            .iter()
+            .map(|s| Var::from_tensor(&Tensor::randn(0f32, 1., *s, &dev)?))
+            .collect::<Result<_>>()?;
+        let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&inputs)?, composed(&inputs)?);
+        assert_eq!(a.dims(), b.dims());
+        assert!(max_diff(&a, &b) < 1e-6, "values differ by {}", max_diff(&a, &b));
+        let w = Tensor::randn(0f32, 1., a.dims(), &dev)?;
+        let (ga, gb) = ((a * &w)?.sum_all()?.backward()?, (b * &w)?.sum_all()?.backward()?);
+        for (k, v) in vars.iter().enumerate() {
+            let (x, y) =
+                (ga.get(v.as_tensor()).expect("fused gradient"), gb.get(v.as_tensor()).expect("gradient"));
+            assert_eq!(x.dims(), v.dims(), "input {k}");
+            assert!(max_diff(x, y) < 1e-4, "input {k}: gradients differ by {}", max_diff(x, y));
+        }
+        // The gradient at the second input's first element, by central differences.
+        let loss = |h: f32| -> Result<f32> {
+            let mut bumped = inputs.clone();
+            let mut v = bumped[1].flatten_all()?.to_vec1::<f32>()?;
+            v[0] += h;
+            bumped[1] = Tensor::from_vec(v, inputs[1].dims(), &dev)?;
+            (fused(&bumped)? * &w)?.sum_all()?.to_scalar::<f32>()
+        };
+        let fd = (loss(1e-2)? - loss(-1e-2)?) / 2e-2;
+        let an = ga.get(vars[1].as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?[0];
+        assert!((fd - an).abs() < 1e-2 * an.abs().max(1.0), "finite difference {fd} vs {an}");
+        Ok(())
+    }
+
+    #[test]
+    fn modulate_matches_composition_with_gradients() -> Result<()> {
+        check_against_composition(
+            &[&[3, 70, 48], &[3, 48], &[3, 48]],
+            |t| modulate(&t[0], &t[1], &t[2]),
+            |t| composed_modulate(&t[0], &t[1], &t[2]),
+        )
+    }
+
+    #[test]
+    fn gated_residual_matches_composition_with_gradients() -> Result<()> {
+        check_against_composition(
+            &[&[2, 700, 40], &[2, 40], &[2, 700, 40]],
+            |t| gated_residual(&t[0], &t[1], &t[2]),
+            |t| composed_gated_residual(&t[0], &t[1], &t[2]),
+        )
+    }
+
+    #[test]
+    fn add_bias_matches_broadcast_add_with_gradients() -> Result<()> {
+        check_against_composition(
+            &[&[300, 24], &[24]],
+            |t| add_bias(&t[0], &t[1]),
+            |t| t[0].broadcast_add(&t[1]),
+        )
     }
 }

@@ -6,15 +6,15 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// `x * (1 + scale) + shift`, with `shift`/`scale` of shape [B, D] broadcast over the tokens of
-/// `x` [B, L, D].
+/// `x` [B, L, D] (a fused kernel with its own backward on the CPU).
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
+    crate::kernels::modulate(x, shift, scale)
 }
 
 /// The adaLN-Zero residual `x + gate * branch`, `gate` [B, D]: a zero gate makes the block the
 /// identity, which is why DiT initialises the modulation to zero.
 pub fn gated_residual(x: &Tensor, gate: &Tensor, branch: &Tensor) -> Result<Tensor> {
-    x + branch.broadcast_mul(&gate.unsqueeze(1)?)?
+    crate::kernels::gated_residual(x, gate, branch)
 }
 
 /// Splits a modulation vector [B, n*D] into its `n` chunks [B, D] (diffusers' `.chunk(n, dim=1)`).

@@ -42,7 +42,7 @@ impl Module for Linear {
         let rows = x.elem_count() / in_dim.max(1);
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => crate::kernels::add_bias(&y, b)?,
             None => y,
         };
         let mut out = dims.to_vec();
