@@ -46,6 +46,51 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f3
     }
 }
 
+/// Defines `fn $name(args) $body` compiled twice, for baseline x86-64 (SSE2, 4 lanes: the binary
+/// runs anywhere) and for AVX2 (8 lanes), and calls the AVX2 build where the CPU has it. The
+/// kernels' loops live in such functions: a closure called from an AVX2 function is not reliably
+/// inlined into it, so it would keep the baseline code.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($a: $t),*) {
+            #[inline(always)]
+            fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($a: $t),*) {
+                    body($($a),*)
+                }
+                // SAFETY: the CPU was just checked to have AVX2.
+                return unsafe { avx2($($a),*) };
+            }
+            body($($a),*)
+        }
+    };
+}
+
+/// Sum of `map(a_i)` in eight independent lanes: one running sum is a serial chain the compiler
+/// may not reorder, so it would not vectorise.
+#[inline(always)]
+fn sum8(a: &[f32], map: impl Fn(f32) -> f32) -> f32 {
+    sum8_zip(a, a, |x, _| map(x))
+}
+
+/// Sum of `map(a_i, b_i)` in eight independent lanes.
+#[inline(always)]
+fn sum8_zip(a: &[f32], b: &[f32], map: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| map(x, y)).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += map(x[k], y[k]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Applies `f` to chunks of `out` (with the matching chunks of the inputs) in parallel.
 fn par_rows<F>(out: &mut [f32], row: usize, f: F)
 where
@@ -74,6 +119,23 @@ fn cpu_kernel(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static) -> Result<
 struct GeluTanh;
 struct GeluTanhGrad;
 
+simd_fn! {
+    fn gelu_rows(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = 0.5 * v * (1.0 + fast_tanh(GELU_C * (v + GELU_A * v * v * v)));
+        }
+    }
+}
+
+simd_fn! {
+    fn gelu_grad_rows(x: &[f32], g: &[f32], dx: &mut [f32]) {
+        for ((o, &v), &g) in dx.iter_mut().zip(x).zip(g) {
+            let t = fast_tanh(GELU_C * (v + GELU_A * v * v * v));
+            *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * v * v));
+        }
+    }
+}
+
 impl CustomOp1 for GeluTanh {
     fn name(&self) -> &'static str {
         "gelu-tanh"
@@ -82,11 +144,7 @@ impl CustomOp1 for GeluTanh {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, 4096, |i, o| {
-            for (o, &v) in o.iter_mut().zip(&x[i * 4096..]) {
-                *o = 0.5 * v * (1.0 + fast_tanh(GELU_C * (v + GELU_A * v * v * v)));
-            }
-        });
+        par_rows(&mut y, 4096, |i, o| gelu_rows(&x[i * 4096..], o));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -109,15 +167,7 @@ impl CustomOp2 for GeluTanhGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let mut dx = vec![0f32; x.len()];
-        par_rows(&mut dx, 4096, |i, o| {
-            let base = i * 4096;
-            for (j, o) in o.iter_mut().enumerate() {
-                let v = x[base + j];
-                let t = fast_tanh(GELU_C * (v + GELU_A * v * v * v));
-                let d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * v * v);
-                *o = g[base + j] * d;
-            }
-        });
+        par_rows(&mut dx, 4096, |i, o| gelu_grad_rows(&x[i * 4096..], &g[i * 4096..], o));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -133,6 +183,29 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 struct Softmax;
 struct SoftmaxGrad;
 
+simd_fn! {
+    fn softmax_row(r: &[f32], o: &mut [f32]) {
+        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for (o, &v) in o.iter_mut().zip(r) {
+            // Exactly 0 below exp's f32 range, so masked (-inf) keys get no weight at all.
+            let z = v - max;
+            *o = if z < -87.0 { 0.0 } else { fast_exp(z) };
+        }
+        let inv = 1.0 / sum8(o, |v| v);
+        o.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+simd_fn! {
+    /// dx = y * (g - sum(g * y)).
+    fn softmax_grad_row(y: &[f32], g: &[f32], dx: &mut [f32]) {
+        let dot = sum8_zip(y, g, |y, g| y * g);
+        for ((o, y), g) in dx.iter_mut().zip(y).zip(g) {
+            *o = y * (g - dot);
+        }
+    }
+}
+
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "softmax"
@@ -142,19 +215,7 @@ impl CustomOp1 for Softmax {
         let x = contiguous_f32(s, l, self.name())?;
         let d = l.shape().dims().last().copied().unwrap_or(1);
         let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, d, |i, o| {
-            let r = &x[i * d..(i + 1) * d];
-            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, &v) in o.iter_mut().zip(r) {
-                // Exactly 0 below exp's f32 range, so masked (-inf) keys get no weight at all.
-                let z = v - max;
-                *o = if z < -87.0 { 0.0 } else { fast_exp(z) };
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            o.iter_mut().for_each(|o| *o *= inv);
-        });
+        par_rows(&mut y, d, |i, o| softmax_row(&x[i * d..(i + 1) * d], o));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -179,13 +240,7 @@ impl CustomOp2 for SoftmaxGrad {
         let (y, g) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let d = l1.shape().dims().last().copied().unwrap_or(1);
         let mut dx = vec![0f32; y.len()];
-        par_rows(&mut dx, d, |i, o| {
-            let (yr, gr) = (&y[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
-            let dot = yr.iter().zip(gr).map(|(y, g)| y * g).sum::<f32>();
-            for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
-                *o = y * (g - dot);
-            }
-        });
+        par_rows(&mut dx, d, |i, o| softmax_grad_row(&y[i * d..(i + 1) * d], &g[i * d..(i + 1) * d], o));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -206,13 +261,35 @@ struct LayerNormGrad {
     eps: f32,
 }
 
-/// mean and 1/sqrt(var + eps) of one row (two passes, f64 accumulation for the mean).
-#[inline]
+/// mean and 1/sqrt(var + eps) of one row (two passes: the variance of centred values).
+#[inline(always)]
 fn row_stats(r: &[f32], eps: f32) -> (f32, f32) {
     let n = r.len() as f32;
-    let mean = r.iter().sum::<f32>() / n;
-    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum8(r, |v| v) / n;
+    let var = sum8(r, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+simd_fn! {
+    fn layer_norm_row(r: &[f32], o: &mut [f32], eps: f32) {
+        let (mean, rstd) = row_stats(r, eps);
+        for (o, v) in o.iter_mut().zip(r) {
+            *o = (v - mean) * rstd;
+        }
+    }
+}
+
+simd_fn! {
+    /// dx = rstd * (g - mean(g) - y * mean(g * y)), y the normalised row.
+    fn layer_norm_grad_row(r: &[f32], g: &[f32], dx: &mut [f32], eps: f32) {
+        let (mean, rstd) = row_stats(r, eps);
+        let n = r.len() as f32;
+        let mean_g = sum8(g, |g| g) / n;
+        let mean_gy = sum8_zip(r, g, |v, g| (v - mean) * rstd * g) / n;
+        for ((o, v), g) in dx.iter_mut().zip(r).zip(g) {
+            *o = rstd * (g - mean_g - (v - mean) * rstd * mean_gy);
+        }
+    }
 }
 
 impl CustomOp1 for LayerNorm {
@@ -224,13 +301,7 @@ impl CustomOp1 for LayerNorm {
         let x = contiguous_f32(s, l, self.name())?;
         let d = l.shape().dims().last().copied().unwrap_or(1);
         let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, d, |i, o| {
-            let r = &x[i * d..(i + 1) * d];
-            let (mean, rstd) = row_stats(r, self.eps);
-            for (o, v) in o.iter_mut().zip(r) {
-                *o = (v - mean) * rstd;
-            }
-        });
+        par_rows(&mut y, d, |i, o| layer_norm_row(&x[i * d..(i + 1) * d], o, self.eps));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -244,7 +315,6 @@ impl CustomOp2 for LayerNormGrad {
         "layer-norm-grad"
     }
 
-    /// dx = rstd * (g - mean(g) - y * mean(g * y)), y the normalised row.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -256,14 +326,7 @@ impl CustomOp2 for LayerNormGrad {
         let d = l1.shape().dims().last().copied().unwrap_or(1);
         let mut dx = vec![0f32; x.len()];
         par_rows(&mut dx, d, |i, o| {
-            let (r, gr) = (&x[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
-            let (mean, rstd) = row_stats(r, self.eps);
-            let n = d as f32;
-            let mean_g = gr.iter().sum::<f32>() / n;
-            let mean_gy = r.iter().zip(gr).map(|(v, g)| (v - mean) * rstd * g).sum::<f32>() / n;
-            for ((o, v), g) in o.iter_mut().zip(r).zip(gr) {
-                *o = rstd * (g - mean_g - (v - mean) * rstd * mean_gy);
-            }
+            layer_norm_grad_row(&x[i * d..(i + 1) * d], &g[i * d..(i + 1) * d], o, self.eps)
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -342,6 +405,28 @@ fn dims3(l: &Layout) -> Result<(usize, usize, usize)> {
 struct Modulate;
 struct ModulateGrad;
 
+simd_fn! {
+    fn modulate_row(x: &[f32], shift: &[f32], scale: &[f32], o: &mut [f32]) {
+        for (((o, v), sh), sc) in o.iter_mut().zip(x).zip(shift).zip(scale) {
+            *o = v * (1.0 + sc) + sh;
+        }
+    }
+}
+
+simd_fn! {
+    /// One sample's [L, D] tokens: dx = g (1 + scale), dshift += sum_l g, dscale += sum_l g x.
+    fn modulate_grad_sample(x: &[f32], g: &[f32], scale: &[f32], dx: &mut [f32], dshift: &mut [f32], dscale: &mut [f32]) {
+        let d = scale.len();
+        for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+            for j in 0..d {
+                dx[j] = g[j] * (1.0 + scale[j]);
+                dshift[j] += g[j];
+                dscale[j] += g[j] * x[j];
+            }
+        }
+    }
+}
+
 impl CustomOp3 for Modulate {
     fn name(&self) -> &'static str {
         "modulate"
@@ -359,12 +444,7 @@ impl CustomOp3 for Modulate {
         let [x, shift, scale] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let (_, l, d) = dims3(l1)?;
         let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, d, |i, o| {
-            let (sh, sc) = (&shift[i / l * d..][..d], &scale[i / l * d..][..d]);
-            for (j, (o, v)) in o.iter_mut().zip(&x[i * d..]).enumerate() {
-                *o = v * (1.0 + sc[j]) + sh[j];
-            }
-        });
+        par_rows(&mut y, d, |i, o| modulate_row(&x[i * d..], &shift[i / l * d..], &scale[i / l * d..], o));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -397,17 +477,9 @@ impl CustomOp3 for ModulateGrad {
         let (b, l, d) = dims3(l1)?;
         let mut out = vec![0f32; b * l * d + 2 * b * d];
         per_sample(&mut out, (b, l, d), 2, |i, dx, rows| {
-            let sc = &scale[i * d..][..d];
-            let (xs, gs) = (&x[i * l * d..][..l * d], &g[i * l * d..][..l * d]);
             let (dshift, dscale) = rows.split_at_mut(1);
-            let (dshift, dscale) = (&mut *dshift[0], &mut *dscale[0]);
-            for ((dx, x), g) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                for j in 0..d {
-                    dx[j] = g[j] * (1.0 + sc[j]);
-                    dshift[j] += g[j];
-                    dscale[j] += g[j] * x[j];
-                }
-            }
+            let (xs, gs) = (&x[i * l * d..][..l * d], &g[i * l * d..][..l * d]);
+            modulate_grad_sample(xs, gs, &scale[i * d..][..d], dx, dshift[0], dscale[0]);
         });
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
@@ -431,6 +503,27 @@ pub fn composed_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<T
 struct GatedResidual;
 struct GatedResidualGrad;
 
+simd_fn! {
+    fn gated_row(x: &[f32], gate: &[f32], y: &[f32], o: &mut [f32]) {
+        for (((o, x), gt), y) in o.iter_mut().zip(x).zip(gate).zip(y) {
+            *o = x + gt * y;
+        }
+    }
+}
+
+simd_fn! {
+    /// One sample's [L, D] tokens: dy = g gate, dgate += sum_l g y.
+    fn gated_grad_sample(gate: &[f32], y: &[f32], g: &[f32], dy: &mut [f32], dgate: &mut [f32]) {
+        let d = gate.len();
+        for ((dy, y), g) in dy.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
+            for j in 0..d {
+                dy[j] = g[j] * gate[j];
+                dgate[j] += g[j] * y[j];
+            }
+        }
+    }
+}
+
 impl CustomOp3 for GatedResidual {
     fn name(&self) -> &'static str {
         "gated-residual"
@@ -448,12 +541,7 @@ impl CustomOp3 for GatedResidual {
         let [x, gate, y] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let (_, l, d) = dims3(l1)?;
         let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, d, |i, o| {
-            let gt = &gate[i / l * d..][..d];
-            for (j, ((o, x), y)) in o.iter_mut().zip(&x[i * d..]).zip(&y[i * d..]).enumerate() {
-                *o = x + gt[j] * y;
-            }
-        });
+        par_rows(&mut out, d, |i, o| gated_row(&x[i * d..], &gate[i / l * d..], &y[i * d..], o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -484,15 +572,8 @@ impl CustomOp3 for GatedResidualGrad {
         let (b, l, d) = dims3(l2)?;
         let mut out = vec![0f32; b * l * d + b * d];
         per_sample(&mut out, (b, l, d), 1, |i, dy, rows| {
-            let gt = &gate[i * d..][..d];
             let (ys, gs) = (&y[i * l * d..][..l * d], &g[i * l * d..][..l * d]);
-            let dgate = &mut *rows[0];
-            for ((dy, y), g) in dy.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
-                for j in 0..d {
-                    dy[j] = g[j] * gt[j];
-                    dgate[j] += g[j] * y[j];
-                }
-            }
+            gated_grad_sample(&gate[i * d..][..d], ys, gs, dy, rows[0]);
         });
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
@@ -516,6 +597,25 @@ pub fn composed_gated_residual(x: &Tensor, gate: &Tensor, branch: &Tensor) -> Re
 struct AddBias;
 struct ColumnSums;
 
+simd_fn! {
+    fn add_row(y: &[f32], b: &[f32], o: &mut [f32]) {
+        for ((o, y), b) in o.iter_mut().zip(y).zip(b) {
+            *o = y + b;
+        }
+    }
+}
+
+simd_fn! {
+    /// sums[j] += g[i, j] over the rows of g.
+    fn column_sums(g: &[f32], sums: &mut [f32]) {
+        for row in g.chunks(sums.len()) {
+            for (s, v) in sums.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+    }
+}
+
 impl CustomOp2 for AddBias {
     fn name(&self) -> &'static str {
         "add-bias"
@@ -530,11 +630,7 @@ impl CustomOp2 for AddBias {
     ) -> Result<(CpuStorage, Shape)> {
         let (y, b) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let mut out = vec![0f32; y.len()];
-        par_rows(&mut out, b.len(), |i, o| {
-            for ((o, y), b) in o.iter_mut().zip(&y[i * b.len()..]).zip(b) {
-                *o = y + b;
-            }
-        });
+        par_rows(&mut out, b.len(), |i, o| add_row(&y[i * b.len()..], b, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -560,11 +656,7 @@ impl CustomOp1 for ColumnSums {
         let g = contiguous_f32(s, l, self.name())?;
         let (_, d) = l.shape().dims2()?;
         let mut sums = vec![0f32; d];
-        for row in g.chunks(d) {
-            for (s, v) in sums.iter_mut().zip(row) {
-                *s += v;
-            }
-        }
+        column_sums(g, &mut sums);
         Ok((CpuStorage::F32(sums), Shape::from(d)))
     }
 }
