@@ -30,10 +30,10 @@ pub fn attention_probs(q: &Tensor, k: &Tensor) -> Result<Tensor> {
 /// logits add besides the dot products (CLIP's causal mask, T5's relative position bias); T5
 /// leaves the logits unscaled (scale 1).
 pub fn biased_attention_probs(q: &Tensor, k: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
-    let mut scores = crate::kernels::batched_matmul(q, &k.t()?)?;
-    if scale != 1.0 {
-        scores = (scores * scale)?;
-    }
+    // The scale goes on Q ([L, d]) rather than on the scores ([L, L]): a smaller pass, and one
+    // [L, L] tensor fewer kept for the backward.
+    let q = if scale != 1.0 { (q * scale)? } else { q.clone() };
+    let mut scores = crate::kernels::batched_matmul(&q, &k.t()?)?;
     if let Some(bias) = bias {
         scores = scores.broadcast_add(bias)?;
     }
