@@ -594,16 +594,8 @@ pub fn composed_gated_residual(x: &Tensor, gate: &Tensor, branch: &Tensor) -> Re
     x + branch.broadcast_mul(&gate.unsqueeze(1)?)?
 }
 
-struct AddBias;
+struct LinearBias;
 struct ColumnSums;
-
-simd_fn! {
-    fn add_row(y: &[f32], b: &[f32], o: &mut [f32]) {
-        for ((o, y), b) in o.iter_mut().zip(y).zip(b) {
-            *o = y + b;
-        }
-    }
-}
 
 simd_fn! {
     /// sums[j] += g[i, j] over the rows of g.
@@ -616,34 +608,72 @@ simd_fn! {
     }
 }
 
-impl CustomOp2 for AddBias {
+impl CustomOp3 for LinearBias {
     fn name(&self) -> &'static str {
-        "add-bias"
+        "linear"
     }
 
+    /// y = x W^T + b: every row of y starts as b and gemm accumulates the product onto it.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, b) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
-        let mut out = vec![0f32; y.len()];
-        par_rows(&mut out, b.len(), |i, o| add_row(&y[i * b.len()..], b, o));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (s1, s2) else {
+            candle_core::bail!("linear: expected f32");
+        };
+        let bias = contiguous_f32(s3, l3, self.name())?;
+        let (Some(x), Some(w)) = (Operand::of(l1), Operand::of(l2)) else {
+            candle_core::bail!("linear: expected matrices");
+        };
+        if x.n != 1 || w.n != 1 || x.cols != w.cols || w.rows != bias.len() {
+            candle_core::bail!("linear: {:?} x {:?}^T + {:?}", l1.dims(), l2.dims(), l3.dims());
+        }
+        let (rows, out) = (x.rows, w.rows);
+        let mut y = vec![0f32; rows * out];
+        par_rows(&mut y, out, |_, o| o.copy_from_slice(bias));
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: the layouts come from candle and describe elements inside `xs` and `ws`; `y`
+        // holds rows x out elements. W^T's element (k, j) is W's (j, k): its strides swap.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out,
+                x.cols,
+                y.as_mut_ptr(),
+                1,
+                out as isize,
+                true,
+                xs.as_ptr().add(x.offset),
+                x.cs,
+                x.rs,
+                ws.as_ptr().add(w.offset),
+                w.rs,
+                w.cs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        };
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    /// dx = g W, dW = g^T x, db = column sums of g. Only x, W and b stay in the graph (a
+    /// separate bias add would keep the pre-bias product alive until the backward).
+    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> ModulateGrads {
         let g = g.contiguous()?;
+        let dx = g.apply_op2_no_bwd(&walkable(w)?, &BatchedMatmul)?;
+        let dw = walkable(&g.t()?)?.apply_op2_no_bwd(&walkable(x)?, &BatchedMatmul)?;
         let db = g.apply_op1_no_bwd(&ColumnSums)?;
-        Ok((Some(g), Some(db)))
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -661,13 +691,13 @@ impl CustomOp1 for ColumnSums {
     }
 }
 
-/// `y + b` for a linear's output y [R, D] and its bias b [D]; the bias gradient is one pass of
-/// column sums.
-pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let fits = y.device().is_cpu() && y.dtype() == DType::F32 && b.dtype() == DType::F32;
-    match (fits, y.dims2(), b.dims1()) {
-        (true, Ok((_, d)), Ok(n)) if d == n => y.contiguous()?.apply_op2(&b.contiguous()?, AddBias),
-        _ => y.broadcast_add(b),
+/// `x W^T + b` for x [R, in], W [out, in] (PyTorch's layout) and b [out], in one op.
+pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if f32_cpu(x) && f32_cpu(w) && f32_cpu(b) && x.rank() == 2 && w.rank() == 2 {
+        x.apply_op3(w, &b.contiguous()?, LinearBias)
+    } else {
+        x.matmul(&w.t()?)?.broadcast_add(b)
     }
 }
 
@@ -979,11 +1009,11 @@ mod tests {
     }
 
     #[test]
-    fn add_bias_matches_broadcast_add_with_gradients() -> Result<()> {
+    fn linear_bias_matches_matmul_plus_bias_with_gradients() -> Result<()> {
         check_against_composition(
-            &[&[300, 24], &[24]],
-            |t| add_bias(&t[0], &t[1]),
-            |t| t[0].broadcast_add(&t[1]),
+            &[&[300, 24], &[10, 24], &[10]],
+            |t| linear_bias(&t[0], &t[1], &t[2]),
+            |t| t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2]),
         )
     }
 

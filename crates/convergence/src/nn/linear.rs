@@ -40,10 +40,10 @@ impl Module for Linear {
         let dims = x.dims();
         let (in_dim, out_dim) = (self.weight.dim(1)?, self.weight.dim(0)?);
         let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, in_dim))?;
         let y = match &self.bias {
-            Some(b) => crate::kernels::add_bias(&y, b)?,
-            None => y,
+            Some(b) => crate::kernels::linear_bias(&x, &self.weight, b)?,
+            None => x.matmul(&self.weight.t()?)?,
         };
         let mut out = dims.to_vec();
         if let Some(last) = out.last_mut() {
