@@ -448,7 +448,7 @@ impl CustomOp3 for Modulate {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _: &Tensor, scale: &Tensor, _: &Tensor, g: &Tensor) -> ModulateGrads {
+    fn bwd(&self, x: &Tensor, _: &Tensor, scale: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
         let packed = x.apply_op3_no_bwd(scale, &g.contiguous()?, &ModulateGrad)?;
         let [dx, dshift, dscale]: [Tensor; 3] =
             unpack(&packed, x.dims3()?, 2)?.try_into().expect("three parts");
@@ -456,7 +456,8 @@ impl CustomOp3 for Modulate {
     }
 }
 
-type ModulateGrads = Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
+/// The gradients of a three-input op.
+type Grads3 = Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
 
 impl CustomOp3 for ModulateGrad {
     fn name(&self) -> &'static str {
@@ -545,7 +546,7 @@ impl CustomOp3 for GatedResidual {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, _: &Tensor, gate: &Tensor, y: &Tensor, _: &Tensor, g: &Tensor) -> ModulateGrads {
+    fn bwd(&self, _: &Tensor, gate: &Tensor, y: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
         let g = g.contiguous()?;
         let packed = gate.apply_op3_no_bwd(y, &g, &GatedResidualGrad)?;
         let [dy, dgate]: [Tensor; 2] = unpack(&packed, y.dims3()?, 1)?.try_into().expect("two parts");
@@ -668,7 +669,7 @@ impl CustomOp3 for LinearBias {
 
     /// dx = g W, dW = g^T x, db = column sums of g. Only x, W and b stay in the graph (a
     /// separate bias add would keep the pre-bias product alive until the backward).
-    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> ModulateGrads {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
         let g = g.contiguous()?;
         let dx = g.apply_op2_no_bwd(&walkable(w)?, &BatchedMatmul)?;
         let dw = walkable(&g.t()?)?.apply_op2_no_bwd(&walkable(x)?, &BatchedMatmul)?;
