@@ -256,9 +256,10 @@ fn train_step(name: &str, cfg: &DiTConfig, batch: usize, dtype: DType) -> Result
         eps: 1e-8,
         weight_decay: 0.0,
         warmup_steps: 0,
+        cooldown_steps: 0,
         grad_clip: 1.0,
     };
-    let mut optim = AdamW::new(optim, vars)?;
+    let mut optim = AdamW::new(optim, vars, usize::MAX)?;
     let mut rng = ChaCha8Rng::seed_from_u64(SEED);
     let [c, h, w] = trainee.sample_shape;
     // Data-like: unit noise clipped to the [-1, 1] range of real images.

@@ -62,6 +62,7 @@ fn tiny_trainer(out: &std::path::Path, steps: usize) -> Trainer {
         eps: 1e-8,
         weight_decay: 0.0,
         warmup_steps: 10,
+        cooldown_steps: 0,
         grad_clip: 1.0,
     };
     let lc = LoopConfig {

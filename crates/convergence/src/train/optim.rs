@@ -1,4 +1,4 @@
-//! AdamW with linear warm-up, global-norm gradient clipping and an EMA of the weights. The state
+//! AdamW with linear warm-up, an optional linear cool-down, global-norm gradient clipping and an EMA of the weights. The state
 //! is plain named tensors so a checkpoint can hold it and resume bit for bit.
 
 use candle_core::backprop::GradStore;
@@ -18,6 +18,11 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     #[serde(default)]
     pub warmup_steps: usize,
+    /// Decay the learning rate linearly towards zero over the last this-many steps of the run
+    /// (warm-up, constant, cool-down): the annealing buys most of what a cosine schedule would,
+    /// while the run can still be extended before the cool-down starts (0 = constant to the end).
+    #[serde(default)]
+    pub cooldown_steps: usize,
     /// Clip the global gradient norm to this value (0 = off).
     #[serde(default)]
     pub grad_clip: f64,
@@ -43,10 +48,12 @@ pub struct AdamW {
     pub slots: Vec<Slot>,
     /// Updates applied so far (bias correction uses step + 1).
     pub step: usize,
+    /// The run's length, where the cool-down ends.
+    pub total_steps: usize,
 }
 
 impl AdamW {
-    pub fn new(cfg: AdamWConfig, vars: Vec<(String, Var)>) -> Result<Self> {
+    pub fn new(cfg: AdamWConfig, vars: Vec<(String, Var)>, total_steps: usize) -> Result<Self> {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
@@ -54,15 +61,16 @@ impl AdamW {
                 Ok(Slot { name, m: z.clone(), v: z, var })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { cfg, slots, step: 0 })
+        Ok(AdamW { cfg, slots, step: 0, total_steps })
     }
 
+    /// The learning rate of update `step` (0-based): warm-up from lr / warmup_steps, then lr,
+    /// then the cool-down down to lr / cooldown_steps at the last update.
     pub fn lr_at(&self, step: usize) -> f64 {
-        if self.cfg.warmup_steps == 0 {
-            self.cfg.lr
-        } else {
-            self.cfg.lr * ((step + 1) as f64 / self.cfg.warmup_steps as f64).min(1.0)
-        }
+        let ramp = |done: usize, len: usize| if len == 0 { 1.0 } else { (done as f64 / len as f64).min(1.0) };
+        let warm = ramp(step + 1, self.cfg.warmup_steps);
+        let cool = ramp(self.total_steps.saturating_sub(step), self.cfg.cooldown_steps);
+        self.cfg.lr * warm * cool
     }
 
     /// Global L2 norm of all gradients.
@@ -186,9 +194,10 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.0,
             warmup_steps: 0,
+            cooldown_steps: 0,
             grad_clip: 0.0,
         };
-        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone())])?;
+        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone())], 1000)?;
         let loss = var.as_tensor().sqr()?.sum_all()?;
         opt.step(&loss.backward()?)?;
         // Adam's first step is lr * sign(g).
@@ -204,7 +213,7 @@ mod tests {
     }
 
     #[test]
-    fn clipping_bounds_the_update_and_warmup_scales_lr() -> Result<()> {
+    fn clipping_bounds_the_update_and_warmup_and_cooldown_scale_lr() -> Result<()> {
         let var = Var::new(&[1f32], &Device::Cpu)?;
         let cfg = AdamWConfig {
             lr: 1.0,
@@ -212,11 +221,16 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.0,
             warmup_steps: 4,
+            cooldown_steps: 8,
             grad_clip: 1.0,
         };
-        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone())])?;
+        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone())], 100)?;
         assert_eq!(opt.lr_at(0), 0.25);
-        assert_eq!(opt.lr_at(10), 1.0);
+        assert_eq!(opt.lr_at(3), 1.0);
+        assert_eq!(opt.lr_at(92), 1.0);
+        // Cool-down over the last 8 of 100 updates: 7/8 at update 93, 1/8 at the last (99).
+        assert_eq!(opt.lr_at(93), 0.875);
+        assert_eq!(opt.lr_at(99), 0.125);
         let loss = (var.as_tensor() * 100.0)?.sum_all()?;
         let norm = opt.step(&loss.backward()?)?;
         assert!((norm - 100.0).abs() < 1e-3);

@@ -186,7 +186,7 @@ impl Trainer {
     ) -> Result<Self> {
         let vars = sorted_vars(&trainee.varmap);
         Ok(Trainer {
-            optim: AdamW::new(optim, vars.clone())?,
+            optim: AdamW::new(optim, vars.clone(), cfg.steps)?,
             ema: Ema::new(cfg.ema_decay, &vars)?,
             trainee,
             objective,
