@@ -4,7 +4,12 @@
 other, and prints a markdown table (standard library only).
 
     python3 bench/compare.py [WORKLOAD ...] [--dtype f32|bf16] [--threads N] [--iters N]
-        [--warmup N] [--convergence target/release/convergence] [--python bench/.venv/bin/python]
+        [--warmup N] [--rounds N] [--convergence target/release/convergence]
+        [--python bench/.venv/bin/python]
+
+With `--rounds N` the two sides take turns N times per workload (ours, theirs, ours, ...) and
+each side's time is the median of its rounds' medians, printed with the range of the rounds: on
+a shared virtual machine a slow minute then hits both sides rather than one.
 
 Without workloads, all of them. A side that fails (e.g. a bf16 training step Convergence does
 not run yet) gets its one-line error in the table instead of a time.
@@ -33,6 +38,26 @@ def run(cmd, threads):
     return json.loads(lines[-1]), None
 
 
+def combine(results):
+    """One side's rounds as one result: the median of the rounds' medians (their range kept),
+    the highest peak memory; the first error if any round failed."""
+    errors = [e for r, e in results if r is None]
+    if errors:
+        return None, errors[0]
+    rs = [r for r, _ in results]
+    medians = sorted(r["median_s"] for r in rs)
+    n = len(medians)
+    mid = medians[n // 2] if n % 2 else 0.5 * (medians[n // 2 - 1] + medians[n // 2])
+    out = dict(rs[0], median_s=mid, round_range=(medians[0], medians[-1]))
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in rs)
+    return out, None
+
+
+def seconds(r):
+    lo, hi = r["round_range"]
+    return f"{r['median_s']:.4f}" if lo == hi else f"{r['median_s']:.4f} ({lo:.3f}-{hi:.3f})"
+
+
 def mib(r):
     return f"{r['peak_rss_bytes'] / 2**20:.0f}" if r else "-"
 
@@ -44,6 +69,7 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="alternate the two sides this many times")
     p.add_argument("--convergence", default=str(ROOT / "target" / "release" / "convergence"))
     p.add_argument("--python", default=str(ROOT / "bench" / ".venv" / "bin" / "python"))
     a = p.parse_args()
@@ -59,17 +85,19 @@ def main():
     )
     print("|---|---|---|---|---|---|---|---|")
     for w in a.workloads or WORKLOADS:
-        ours, our_err = run([a.convergence, "--threads", str(a.threads), "bench", w, *common], a.threads)
-        theirs, their_err = run(
-            [a.python, str(ROOT / "bench" / "pytorch_bench.py"), w, "--threads", str(a.threads), *common], a.threads
+        sides = (
+            [a.convergence, "--threads", str(a.threads), "bench", w, *common],
+            [a.python, str(ROOT / "bench" / "pytorch_bench.py"), w, "--threads", str(a.threads), *common],
         )
+        rounds = [[run(cmd, a.threads) for cmd in sides] for _ in range(max(a.rounds, 1))]
+        (ours, our_err), (theirs, their_err) = (combine([r[i] for r in rounds]) for i in (0, 1))
         ratio = f"{theirs['median_s'] / ours['median_s']:.2f}x" if ours and theirs else "-"
         cells = [
             w,
             a.dtype,
             str(a.threads),
-            f"{ours['median_s']:.4f}" if ours else f"error: {our_err}",
-            f"{theirs['median_s']:.4f}" if theirs else f"error: {their_err}",
+            seconds(ours) if ours else f"error: {our_err}",
+            seconds(theirs) if theirs else f"error: {their_err}",
             ratio,
             mib(ours),
             mib(theirs),

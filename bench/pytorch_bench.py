@@ -26,6 +26,8 @@ WORKLOADS = [
     "fashion-sample-32",
     "sd3-joint-block",
     "flux-single-block",
+    "linear-256x1152x4608",
+    "linear-4096x384x1536",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,6 +187,20 @@ def flux_single_block(heads, head_dim, side, text, dtype):
     return step
 
 
+def linear(rows, inp, out, dtype):
+    """One nn.Linear with bias, x [rows, inp]: the matrix product alone."""
+    import torch
+
+    layer = torch.nn.Linear(inp, out).to(dtype).eval()
+    x = torch.randn(rows, inp).to(dtype)
+
+    def step():
+        with torch.inference_mode():
+            layer(x)
+
+    return step
+
+
 def build(name, dtype):
     if name == "dit-xl-2-forward":
         return dit_forward(dit_preset("xl", 2), 1, dtype)
@@ -198,6 +214,9 @@ def build(name, dtype):
         return joint_block(24, 64, 1024, 77, dtype)
     if name == "flux-single-block":
         return flux_single_block(24, 128, 64, 512, dtype)
+    if name.startswith("linear-"):
+        rows, inp, out = (int(v) for v in name.removeprefix("linear-").split("x"))
+        return linear(rows, inp, out, dtype)
     raise SystemExit(f"error: unknown workload `{name}` (one of: {', '.join(WORKLOADS)})")
 
 

@@ -14,12 +14,12 @@ use crate::flow::{sample, ModelTime, SampleOptions, SamplerKind, Scheduler, Sche
 use crate::models::dit::{DiT, DiTConfig, Numerics};
 use crate::models::flux::{latent_image_ids, text_ids, FluxConfig, FluxTransformer2DModel};
 use crate::models::{Conditioning, Prediction};
-use crate::nn::{Init, JointBlockConfig, JointTransformerBlock, TokenOrder};
+use crate::nn::{Init, JointBlockConfig, JointTransformerBlock, Linear, TokenOrder};
 use crate::noise::randn;
 use crate::train::objective::{Objective, TimestepSampling};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::trainer::new_dit;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -35,13 +35,15 @@ const FASHION_SCHEDULER: &str = include_str!("../../../models/fashion-dit/schedu
 const SEED: u64 = 0;
 
 /// The workloads `run` knows, in the order `convergence bench --list` shows them.
-const WORKLOADS: [&str; 6] = [
+const WORKLOADS: [&str; 8] = [
     "dit-xl-2-forward",
     "dit-s-2-train-step",
     "fashion-train-step",
     "fashion-sample-32",
     "sd3-joint-block",
     "flux-single-block",
+    "linear-256x1152x4608",
+    "linear-4096x384x1536",
 ];
 
 /// The names [`run`] accepts.
@@ -132,6 +134,9 @@ fn build(name: &str, dtype: DType) -> Result<Step> {
             // 1024 packed image tokens = a 64x64 latent (1024x1024 pixels).
             flux_single_block(&cfg, 64, 512, dtype)
         }
+        // The MLP up-projections of DiT-XL/2 at batch 1 and of DiT-S/2 at batch 16.
+        "linear-256x1152x4608" => linear(256, 1152, 4608, dtype),
+        "linear-4096x384x1536" => linear(4096, 384, 1536, dtype),
         other => Err(Error::msg(format!("unknown workload `{other}` (one of: {})", WORKLOADS.join(", ")))),
     }
 }
@@ -347,6 +352,19 @@ fn flux_single_block(cfg: &FluxConfig, side: usize, text: usize, dtype: DType) -
     }))
 }
 
+/// One linear layer with bias, x [rows, inp] -> [rows, out]: the matrix product alone, to
+/// compare the two sides' matmuls on the shapes the DiT workloads spend their time in.
+fn linear(rows: usize, inp: usize, out: usize, dtype: DType) -> Result<Step> {
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    let layer =
+        Linear::new(randn_as(&mut rng, &[out, inp], dtype)?, Some(randn_as(&mut rng, &[out], dtype)?));
+    let x = randn_as(&mut rng, &[rows, inp], dtype)?;
+    Ok(Box::new(move || {
+        layer.forward(&x)?;
+        Ok(())
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +411,8 @@ mod tests {
             ..Default::default()
         };
         check(flux_single_block(&flux, 4, 3, DType::F32).unwrap(), DType::F32);
+        check(linear(5, 4, 3, DType::F32).unwrap(), DType::F32);
+        check(linear(5, 4, 3, DType::BF16).unwrap(), DType::BF16);
     }
 
     #[test]

@@ -637,31 +637,16 @@ impl CustomOp3 for LinearBias {
         let (rows, out) = (x.rows, w.rows);
         let mut y = vec![0f32; rows * out];
         par_rows(&mut y, out, |_, o| o.copy_from_slice(bias));
-        let threads = rayon::current_num_threads();
-        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         // SAFETY: the layouts come from candle and describe elements inside `xs` and `ws`; `y`
         // holds rows x out elements. W^T's element (k, j) is W's (j, k): its strides swap.
         unsafe {
-            gemm::gemm(
-                rows,
-                out,
-                x.cols,
-                y.as_mut_ptr(),
-                1,
-                out as isize,
+            matmul(
+                (rows, out, x.cols),
+                Mat { ptr: y.as_mut_ptr(), rs: out as isize, cs: 1 },
                 true,
-                xs.as_ptr().add(x.offset),
-                x.cs,
-                x.rs,
-                ws.as_ptr().add(w.offset),
-                w.rs,
-                w.cs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
+                Mat { ptr: xs.as_ptr().add(x.offset).cast_mut(), rs: x.rs, cs: x.cs },
+                Mat { ptr: ws.as_ptr().add(w.offset).cast_mut(), rs: w.cs, cs: w.rs },
+                rayon::current_num_threads(),
             )
         };
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
@@ -699,6 +684,91 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         x.apply_op3(w, &b.contiguous()?, LinearBias)
     } else {
         x.matmul(&w.t()?)?.broadcast_add(b)
+    }
+}
+
+/// A strided matrix in memory: element (r, c) at `ptr + r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *mut f32,
+    rs: isize,
+    cs: isize,
+}
+
+// SAFETY: threads only ever touch disjoint blocks of a destination `Mat` (see `matmul`).
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+impl Mat {
+    /// The view starting at element (r, c).
+    fn at(self, r: usize, c: usize) -> Mat {
+        // SAFETY (of later accesses): the caller keeps (r, c) inside the matrix.
+        Mat { ptr: self.ptr.wrapping_offset(r as isize * self.rs + c as isize * self.cs), ..self }
+    }
+}
+
+/// dst (m x n) = a (m x k) b (k x n), or dst += a b when `accumulate`, on `threads` threads.
+///
+/// The product is cut along its longer output side into two blocks per thread, each one
+/// single-threaded gemm call: each call packs its own share, and the threads never wait on one
+/// another inside a product. gemm's own threading splits finer and synchronises more; on two
+/// cores it ran these shapes 10-40 % slower (the `linear-*` benchmarks, docs/PERFORMANCE.md).
+///
+/// # Safety
+/// `a`, `b` and `dst` must describe m x k, k x n and m x n elements inside live allocations,
+/// `dst` not overlapping the others.
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: Mat,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    threads: usize,
+) {
+    let one = |(m, n): (usize, usize), dst: Mat, a: Mat, b: Mat| {
+        let alpha = if accumulate { 1.0 } else { 0.0 };
+        // SAFETY: forwarded from the caller, for a sub-block of the same matrices.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.ptr,
+                dst.cs,
+                dst.rs,
+                accumulate,
+                a.ptr,
+                a.cs,
+                a.rs,
+                b.ptr,
+                b.cs,
+                b.rs,
+                alpha,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    // Below ~1 MFLOP a product is over before a second thread would have started.
+    if threads <= 1 || m * n * k < 1 << 19 {
+        return one((m, n), dst, a, b);
+    }
+    let blocks = 2 * threads;
+    if m >= n {
+        let rows = m.div_ceil(blocks).next_multiple_of(8);
+        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
+            let r0 = i * rows;
+            one((rows.min(m - r0), n), dst.at(r0, 0), a.at(r0, 0), b)
+        });
+    } else {
+        let cols = n.div_ceil(blocks).next_multiple_of(16);
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|j| {
+            let c0 = j * cols;
+            one((m, cols.min(n - c0)), dst.at(0, c0), a, b.at(0, c0))
+        });
     }
 }
 
@@ -768,40 +838,26 @@ impl CustomOp2 for BatchedMatmul {
         }
         let (m, k, p) = (x.rows, x.cols, y.cols);
         let mut c = vec![0f32; x.n * m * p];
-        let one = |i: usize, c: &mut [f32], par: gemm::Parallelism| {
+        let one = |i: usize, c: &mut [f32], threads: usize| {
             // SAFETY: the operands' layouts come from candle and describe elements inside `a`
             // and `b`; `c` holds exactly m x p elements.
             unsafe {
-                gemm::gemm(
-                    m,
-                    p,
-                    k,
-                    c.as_mut_ptr(),
-                    1,
-                    p as isize,
+                matmul(
+                    (m, p, k),
+                    Mat { ptr: c.as_mut_ptr(), rs: p as isize, cs: 1 },
                     false,
-                    a.as_ptr().add(x.offset + i * x.batch),
-                    x.cs,
-                    x.rs,
-                    b.as_ptr().add(y.offset + i * y.batch),
-                    y.cs,
-                    y.rs,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
+                    Mat { ptr: a.as_ptr().add(x.offset + i * x.batch).cast_mut(), rs: x.rs, cs: x.cs },
+                    Mat { ptr: b.as_ptr().add(y.offset + i * y.batch).cast_mut(), rs: y.rs, cs: y.cs },
+                    threads,
                 )
             }
         };
         let threads = rayon::current_num_threads();
         if x.n >= threads && m * p * k >= 1 << 12 {
             // Enough matrices to keep every thread busy: one single-threaded product each.
-            c.par_chunks_mut(m * p).enumerate().for_each(|(i, c)| one(i, c, gemm::Parallelism::None));
+            c.par_chunks_mut(m * p).enumerate().for_each(|(i, c)| one(i, c, 1));
         } else {
-            let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-            c.chunks_mut(m * p).enumerate().for_each(|(i, c)| one(i, c, par));
+            c.chunks_mut(m * p).enumerate().for_each(|(i, c)| one(i, c, threads));
         }
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("rank >= 2") = p;
@@ -1016,6 +1072,32 @@ mod tests {
             |t| linear_bias(&t[0], &t[1], &t[2]),
             |t| t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2]),
         )
+    }
+
+    #[test]
+    fn products_split_over_threads_match_the_plain_matmul() -> Result<()> {
+        // Big enough to be cut into blocks (more rows than columns, then the reverse), odd
+        // sizes, three threads; forward and both gradients (dx = g W and dW = g^T x are split too).
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a thread pool");
+        pool.install(|| -> Result<()> {
+            let dev = Device::Cpu;
+            for (m, k, n) in [(131, 67, 70), (37, 101, 150)] {
+                let x = Var::from_tensor(&Tensor::randn(0f32, 1., (m, k), &dev)?)?;
+                let w = Var::from_tensor(&Tensor::randn(0f32, 1., (n, k), &dev)?)?;
+                let b = Tensor::randn(0f32, 1., n, &dev)?;
+                let fused = linear_bias(&x, &w, &b)?;
+                let plain = x.matmul(&w.t()?)?.broadcast_add(&b)?;
+                assert!(max_diff(&fused, &plain) < 1e-4, "{m}x{k}x{n}: {}", max_diff(&fused, &plain));
+                let g = Tensor::randn(0f32, 1., (m, n), &dev)?;
+                let (gf, gp) = ((fused * &g)?.sum_all()?.backward()?, (plain * &g)?.sum_all()?.backward()?);
+                for v in [&x, &w] {
+                    let (a, b) =
+                        (gf.get(v.as_tensor()).expect("gradient"), gp.get(v.as_tensor()).expect("gradient"));
+                    assert!(max_diff(a, b) < 1e-3, "{m}x{k}x{n}: gradients differ by {}", max_diff(a, b));
+                }
+            }
+            Ok(())
+        })
     }
 
     #[test]
