@@ -710,9 +710,9 @@ impl Mat {
 /// dst (m x n) = a (m x k) b (k x n), or dst += a b when `accumulate`, on `threads` threads.
 ///
 /// The product is cut along its longer output side into two blocks per thread, each one
-/// single-threaded gemm call: each call packs its own share, and the threads never wait on one
-/// another inside a product. gemm's own threading splits finer and synchronises more; on two
-/// cores it ran these shapes 10-40 % slower (the `linear-*` benchmarks, docs/PERFORMANCE.md).
+/// single-threaded gemm call that packs its own share, so the threads only meet at the end of
+/// the product. gemm's own threading (`Parallelism::Rayon`) ran the DiT shapes 10-40 % slower on
+/// two cores (the `linear-*` benchmarks, docs/PERFORMANCE.md).
 ///
 /// # Safety
 /// `a`, `b` and `dst` must describe m x k, k x n and m x n elements inside live allocations,
