@@ -642,10 +642,10 @@ impl CustomOp3 for LinearBias {
         unsafe {
             matmul(
                 (rows, out, x.cols),
-                Mat { ptr: y.as_mut_ptr(), rs: out as isize, cs: 1 },
+                Mat::rows_of(&mut y, out),
                 true,
-                Mat { ptr: xs.as_ptr().add(x.offset).cast_mut(), rs: x.rs, cs: x.cs },
-                Mat { ptr: ws.as_ptr().add(w.offset).cast_mut(), rs: w.cs, cs: w.rs },
+                x.mat(xs, 0),
+                w.mat(ws, 0).t(),
                 rayon::current_num_threads(),
             )
         };
@@ -700,6 +700,16 @@ unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
 impl Mat {
+    /// A contiguous row-major matrix of `cols` columns over `data`.
+    fn rows_of(data: &mut [f32], cols: usize) -> Mat {
+        Mat { ptr: data.as_mut_ptr(), rs: cols as isize, cs: 1 }
+    }
+
+    /// The transposed view (the strides swap).
+    fn t(self) -> Mat {
+        Mat { rs: self.cs, cs: self.rs, ..self }
+    }
+
     /// The view starting at element (r, c).
     fn at(self, r: usize, c: usize) -> Mat {
         // SAFETY (of later accesses): the caller keeps (r, c) inside the matrix.
@@ -786,6 +796,12 @@ struct Operand {
 }
 
 impl Operand {
+    /// Matrix `i` of the batch, inside `data` (the storage the layout describes).
+    fn mat(&self, data: &[f32], i: usize) -> Mat {
+        let ptr = data.as_ptr().wrapping_add(self.offset + i * self.batch).cast_mut();
+        Mat { ptr, rs: self.rs, cs: self.cs }
+    }
+
     /// `None` when the leading axes cannot be walked with one batch stride.
     fn of(l: &Layout) -> Option<Operand> {
         let (dims, strides) = (l.dims(), l.stride());
@@ -841,16 +857,7 @@ impl CustomOp2 for BatchedMatmul {
         let one = |i: usize, c: &mut [f32], threads: usize| {
             // SAFETY: the operands' layouts come from candle and describe elements inside `a`
             // and `b`; `c` holds exactly m x p elements.
-            unsafe {
-                matmul(
-                    (m, p, k),
-                    Mat { ptr: c.as_mut_ptr(), rs: p as isize, cs: 1 },
-                    false,
-                    Mat { ptr: a.as_ptr().add(x.offset + i * x.batch).cast_mut(), rs: x.rs, cs: x.cs },
-                    Mat { ptr: b.as_ptr().add(y.offset + i * y.batch).cast_mut(), rs: y.rs, cs: y.cs },
-                    threads,
-                )
-            }
+            unsafe { matmul((m, p, k), Mat::rows_of(c, p), false, x.mat(a, i), y.mat(b, i), threads) }
         };
         let threads = rayon::current_num_threads();
         if x.n >= threads && m * p * k >= 1 << 12 {
