@@ -184,11 +184,12 @@ struct Softmax;
 struct SoftmaxGrad;
 
 simd_fn! {
-    fn softmax_row(r: &[f32], o: &mut [f32]) {
-        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for (o, &v) in o.iter_mut().zip(r) {
+    /// The row's logits are replaced by their softmax.
+    fn softmax_row(o: &mut [f32]) {
+        let max = o.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for o in o.iter_mut() {
             // Exactly 0 below exp's f32 range, so masked (-inf) keys get no weight at all.
-            let z = v - max;
+            let z = *o - max;
             *o = if z < -87.0 { 0.0 } else { fast_exp(z) };
         }
         let inv = 1.0 / sum8(o, |v| v);
@@ -197,11 +198,11 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// dx = y * (g - sum(g * y)).
-    fn softmax_grad_row(y: &[f32], g: &[f32], dx: &mut [f32]) {
+    /// The row's output gradient g is replaced by the logits' dx = y * (g - sum(g * y)).
+    fn softmax_grad_row(y: &[f32], g: &mut [f32]) {
         let dot = sum8_zip(y, g, |y, g| y * g);
-        for ((o, y), g) in dx.iter_mut().zip(y).zip(g) {
-            *o = y * (g - dot);
+        for (g, y) in g.iter_mut().zip(y) {
+            *g = y * (*g - dot);
         }
     }
 }
@@ -214,8 +215,8 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let d = l.shape().dims().last().copied().unwrap_or(1);
-        let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, d, |i, o| softmax_row(&x[i * d..(i + 1) * d], o));
+        let mut y = x.to_vec();
+        par_rows(&mut y, d, |_, o| softmax_row(o));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -239,8 +240,8 @@ impl CustomOp2 for SoftmaxGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (y, g) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let d = l1.shape().dims().last().copied().unwrap_or(1);
-        let mut dx = vec![0f32; y.len()];
-        par_rows(&mut dx, d, |i, o| softmax_grad_row(&y[i * d..(i + 1) * d], &g[i * d..(i + 1) * d], o));
+        let mut dx = g.to_vec();
+        par_rows(&mut dx, d, |i, o| softmax_grad_row(&y[i * d..(i + 1) * d], o));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -644,8 +645,7 @@ impl CustomOp3 for LinearBias {
                 (rows, out, x.cols),
                 Mat::rows_of(&mut y, out),
                 true,
-                x.mat(xs, 0),
-                w.mat(ws, 0).t(),
+                (1.0, x.mat(xs, 0), w.mat(ws, 0).t()),
                 rayon::current_num_threads(),
             )
         };
@@ -717,7 +717,8 @@ impl Mat {
     }
 }
 
-/// dst (m x n) = a (m x k) b (k x n), or dst += a b when `accumulate`, on `threads` threads.
+/// dst (m x n) = scale a (m x k) b (k x n), or dst += scale a b when `accumulate`, on `threads`
+/// threads.
 ///
 /// The product is cut along its longer output side into two blocks per thread, each one
 /// single-threaded gemm call that packs its own share, so the threads only meet at the end of
@@ -731,8 +732,7 @@ unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: Mat,
     accumulate: bool,
-    a: Mat,
-    b: Mat,
+    (scale, a, b): (f32, Mat, Mat),
     threads: usize,
 ) {
     let one = |(m, n): (usize, usize), dst: Mat, a: Mat, b: Mat| {
@@ -754,7 +754,7 @@ unsafe fn matmul(
                 b.cs,
                 b.rs,
                 alpha,
-                1.0,
+                scale,
                 false,
                 false,
                 false,
@@ -857,7 +857,7 @@ impl CustomOp2 for BatchedMatmul {
         let one = |i: usize, c: &mut [f32], threads: usize| {
             // SAFETY: the operands' layouts come from candle and describe elements inside `a`
             // and `b`; `c` holds exactly m x p elements.
-            unsafe { matmul((m, p, k), Mat::rows_of(c, p), false, x.mat(a, i), y.mat(b, i), threads) }
+            unsafe { matmul((m, p, k), Mat::rows_of(c, p), false, (1.0, x.mat(a, i), y.mat(b, i)), threads) }
         };
         let threads = rayon::current_num_threads();
         if x.n >= threads && m * p * k >= 1 << 12 {
@@ -909,6 +909,197 @@ fn walkable(t: &Tensor) -> Result<Tensor> {
     } else {
         t.contiguous()
     }
+}
+
+/// Per-head matrices of an attention operand: [B, H, L, d] with any strides, or the projections'
+/// own [B, L, H*d] read as `heads` heads in place (no split or merge copies).
+#[derive(Clone, Copy, Debug)]
+struct Heads {
+    ptr: *mut f32,
+    b: usize,
+    h: usize,
+    l: usize,
+    d: usize,
+    offset: usize,
+    strides: [isize; 4],
+}
+
+// SAFETY: threads only ever write disjoint heads (or disjoint rows of one head), see the kernel.
+unsafe impl Send for Heads {}
+unsafe impl Sync for Heads {}
+
+impl Heads {
+    fn of(l: &Layout, heads: usize, what: &str) -> Result<Heads> {
+        let st: Vec<isize> = l.stride().iter().map(|&s| s as isize).collect();
+        let (ptr, offset) = (std::ptr::null_mut(), l.start_offset());
+        match *l.dims() {
+            [b, h, n, d] => Ok(Heads { ptr, b, h, l: n, d, offset, strides: [st[0], st[1], st[2], st[3]] }),
+            [b, n, hd] if heads > 0 && hd % heads == 0 => {
+                let (h, d) = (heads, hd / heads);
+                Ok(Heads { ptr, b, h, l: n, d, offset, strides: [st[0], d as isize * st[2], st[1], st[2]] })
+            }
+            _ => candle_core::bail!(
+                "attention: {what} is {:?}, expected [B, H, L, d] or [B, L, {heads}*d]",
+                l.dims()
+            ),
+        }
+    }
+
+    /// These heads inside `data`, the storage their layout describes.
+    fn on(self, data: &[f32]) -> Heads {
+        Heads { ptr: data.as_ptr().wrapping_add(self.offset).cast_mut(), offset: 0, ..self }
+    }
+
+    /// A contiguous buffer of the same heads in `data`: [B, H, L, d] when `rank4`, else [B, L, H*d].
+    fn packed(self, data: &mut [f32], rank4: bool) -> Heads {
+        debug_assert_eq!(data.len(), self.b * self.h * self.l * self.d);
+        let (h, l, d) = (self.h as isize, self.l as isize, self.d as isize);
+        let strides = if rank4 { [h * l * d, l * d, d, 1] } else { [l * h * d, d, h * d, 1] };
+        Heads { ptr: data.as_mut_ptr(), offset: 0, strides, ..self }
+    }
+
+    /// Head `h` of sample `b`, an L x d matrix.
+    fn head(&self, b: usize, h: usize) -> Mat {
+        let [sb, sh, sl, sd] = self.strides;
+        let ptr = self.ptr.wrapping_offset(b as isize * sb + h as isize * sh);
+        Mat { ptr, rs: sl, cs: sd }
+    }
+}
+
+/// Query rows per tile: a tile's scores (rows x Lk floats) stay within 256 KiB, so the scores
+/// and their gradient sit in L2 beside the head's keys and values.
+fn query_tile(lk: usize) -> usize {
+    (65_536 / lk.max(1)).clamp(16, 128)
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("attention: {what} must be f32"),
+    }
+}
+
+/// softmax(Q K^T / sqrt(d)) V tiled over query rows: each thread holds one tile's scores
+/// (rows x Lk), never the [L, L] matrix, and the backward recomputes a tile's probabilities from
+/// q and k instead of keeping them. Inputs are [B, H, L, d] or [B, L, H*d] (`heads` heads); the
+/// output is [B, Lq, H*dv], heads merged, as the output projection wants it.
+struct FusedAttention {
+    heads: usize,
+}
+
+impl FusedAttention {
+    /// q, k, v heads and the logit scale 1/sqrt(d).
+    fn shapes(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<(Heads, Heads, Heads, f32)> {
+        let (q, k, v) =
+            (Heads::of(q, self.heads, "q")?, Heads::of(k, self.heads, "k")?, Heads::of(v, self.heads, "v")?);
+        if q.b != k.b || k.b != v.b || q.h != k.h || k.h != v.h || q.d != k.d || k.l != v.l {
+            candle_core::bail!(
+                "attention: q, k, v (batch, heads, length, width) = ({}, {}, {}, {}), ({}, {}, {}, {}), ({}, {}, {}, {}): \
+                 batch and heads must agree, q and k widths, k and v lengths",
+                q.b, q.h, q.l, q.d, k.b, k.h, k.l, k.d, v.b, v.h, v.l, v.d
+            );
+        }
+        Ok((q, k, v, 1.0 / (q.d as f32).sqrt()))
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v, scale) = self.shapes(l1, l2, l3)?;
+        let (q, k, v) = (q.on(f32_data(s1, "q")?), k.on(f32_data(s2, "k")?), v.on(f32_data(s3, "v")?));
+        let mut data = vec![0f32; q.b * q.l * q.h * v.d];
+        let out = Heads { l: q.l, ..v }.packed(&mut data, false);
+        let rows = query_tile(k.l);
+        let tiles = q.l.div_ceil(rows);
+        (0..q.b * q.h * tiles).into_par_iter().for_each(|t| {
+            let (b, h, r0) = (t / tiles / q.h, t / tiles % q.h, t % tiles * rows);
+            let n = rows.min(q.l - r0);
+            let mut p = vec![0f32; n * k.l];
+            // SAFETY: the heads come from candle's layouts (checked by `shapes`) or from `data`;
+            // `p` holds n x Lk; each task writes its own rows of one head of the output.
+            unsafe {
+                let (q_rows, k_t) = (q.head(b, h).at(r0, 0), k.head(b, h).t());
+                matmul((n, k.l, q.d), Mat::rows_of(&mut p, k.l), false, (scale, q_rows, k_t), 1);
+                p.chunks_mut(k.l).for_each(softmax_row);
+                let p = Mat::rows_of(&mut p, k.l);
+                matmul((n, v.d, k.l), out.head(b, h).at(r0, 0), false, (1.0, p, v.head(b, h)), 1);
+            }
+        });
+        Ok((CpuStorage::F32(data), Shape::from((q.b, q.l, q.h * v.d))))
+    }
+
+    /// Per head, tile by tile: P recomputed, dV += P^T dO, dS = softmax'(dO V^T),
+    /// dQ = scale dS K, dK += scale dS^T Q. Each gradient comes back in its input's shape.
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
+        let g = g.contiguous()?;
+        let (sq, lq) = q.storage_and_layout();
+        let (sk, lk) = k.storage_and_layout();
+        let (sv, lv) = v.storage_and_layout();
+        let (sg, lg) = g.storage_and_layout();
+        fn cpu<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a [f32]> {
+            match s {
+                candle_core::Storage::Cpu(c) => f32_data(c, what),
+                _ => candle_core::bail!("attention: {what} is not on the CPU"),
+            }
+        }
+        let (qh, kh, vh, scale) = self.shapes(lq, lk, lv)?;
+        let go = Heads::of(lg, qh.h, "the output gradient")?.on(cpu(&sg, "the output gradient")?);
+        let (qh, kh, vh) = (qh.on(cpu(&sq, "q")?), kh.on(cpu(&sk, "k")?), vh.on(cpu(&sv, "v")?));
+        let (mut dq, mut dk, mut dv) =
+            (vec![0f32; q.elem_count()], vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);
+        let dq_h = qh.packed(&mut dq, q.rank() == 4);
+        let dk_h = kh.packed(&mut dk, k.rank() == 4);
+        let dv_h = vh.packed(&mut dv, v.rank() == 4);
+        let rows = query_tile(kh.l);
+        (0..qh.b * qh.h).into_par_iter().for_each(|bh| {
+            let (b, h) = (bh / qh.h, bh % qh.h);
+            let (km, vm, dk, dv) = (kh.head(b, h), vh.head(b, h), dk_h.head(b, h), dv_h.head(b, h));
+            let (mut p, mut ds) = (vec![0f32; rows * kh.l], vec![0f32; rows * kh.l]);
+            for r0 in (0..qh.l).step_by(rows) {
+                let n = rows.min(qh.l - r0);
+                let (p, ds) = (&mut p[..n * kh.l], &mut ds[..n * kh.l]);
+                let (q_rows, g_rows, dq_rows) =
+                    (qh.head(b, h).at(r0, 0), go.head(b, h).at(r0, 0), dq_h.head(b, h).at(r0, 0));
+                let more = r0 > 0;
+                // SAFETY: heads from candle's layouts (checked by `shapes`) or from the gradient
+                // buffers above, in the same shapes; each task owns one head's gradients.
+                unsafe {
+                    matmul((n, kh.l, qh.d), Mat::rows_of(p, kh.l), false, (scale, q_rows, km.t()), 1);
+                    p.chunks_mut(kh.l).for_each(softmax_row);
+                    matmul((kh.l, vh.d, n), dv, more, (1.0, Mat::rows_of(p, kh.l).t(), g_rows), 1);
+                    matmul((n, kh.l, vh.d), Mat::rows_of(ds, kh.l), false, (1.0, g_rows, vm.t()), 1);
+                    p.chunks(kh.l).zip(ds.chunks_mut(kh.l)).for_each(|(y, g)| softmax_grad_row(y, g));
+                    matmul((n, qh.d, kh.l), dq_rows, false, (scale, Mat::rows_of(ds, kh.l), km), 1);
+                    matmul((kh.l, qh.d, n), dk, more, (scale, Mat::rows_of(ds, kh.l).t(), q_rows), 1);
+                }
+            }
+        });
+        let grad = |data: Vec<f32>, t: &Tensor| Tensor::from_vec(data, t.shape(), t.device());
+        Ok((Some(grad(dq, q)?), Some(grad(dk, k)?), Some(grad(dv, v)?)))
+    }
+}
+
+/// Scaled dot-product attention softmax(Q K^T / sqrt(d)) V -> [B, Lq, H*dv], in one kernel on
+/// the CPU in f32 (`None` elsewhere: the caller composes it). q, k, v are [B, H, L, d] (any
+/// strides) or [B, L, H*d] with `heads` heads.
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(f32_cpu(q) && f32_cpu(k) && f32_cpu(v)) {
+        return Ok(None);
+    }
+    q.apply_op3(k, v, FusedAttention { heads }).map(Some)
 }
 
 #[cfg(test)]
@@ -1079,6 +1270,80 @@ mod tests {
             |t| linear_bias(&t[0], &t[1], &t[2]),
             |t| t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2]),
         )
+    }
+
+    /// softmax(Q K^T / sqrt(d)) V from candle's own ops: heads [B, H, L, d] in, [B, L, H*dv] out.
+    fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+        let p = candle_nn::ops::softmax(&(q * scale)?.matmul(&k.t()?.contiguous()?)?, D::Minus1)?;
+        let (b, h, l, d) = p.matmul(v)?.dims4()?;
+        p.matmul(v)?.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composition_and_its_gradients() -> Result<()> {
+        // Cross-attention (Lq != Lk, dv != d) with more query rows than one tile (Lk = 600 gives
+        // 109-row tiles: two full and a partial one), three threads; inputs as the projections
+        // write them ([B, L, H*d]) and as strided [B, H, L, d] views.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a thread pool");
+        pool.install(|| -> Result<()> {
+            let dev = Device::Cpu;
+            let (b, h, lq, lk, d, dv) = (2, 3, 250, 600, 8, 4);
+            let var = |l: usize, w: usize| Var::from_tensor(&Tensor::randn(0f32, 1., (b, l, h * w), &dev)?);
+            let (q, k, v) = (var(lq, d)?, var(lk, d)?, var(lk, dv)?);
+            let heads = |t: &Tensor, w: usize| t.reshape((b, t.dim(1)?, h, w))?.transpose(1, 2);
+            let (q4, k4, v4) = (heads(&q, d)?, heads(&k, d)?, heads(&v, dv)?);
+            let reference = composed_attention(&q4.contiguous()?, &k4.contiguous()?, &v4.contiguous()?)?;
+            let w = Tensor::randn(0f32, 1., (b, lq, h * dv), &dev)?;
+            let g_ref = (&reference * &w)?.sum_all()?.backward()?;
+            for (name, out) in [
+                ("[B, L, H*d]", fused_attention(&q, &k, &v, h)?.expect("the CPU kernel")),
+                ("[B, H, L, d] views", fused_attention(&q4, &k4, &v4, 0)?.expect("the CPU kernel")),
+            ] {
+                assert!(max_diff(&out, &reference) < 1e-5, "{name}: {}", max_diff(&out, &reference));
+                let g = (&out * &w)?.sum_all()?.backward()?;
+                for (x, what) in [(&q, "q"), (&k, "k"), (&v, "v")] {
+                    let (a, r) = (
+                        g.get(x.as_tensor()).expect("gradient"),
+                        g_ref.get(x.as_tensor()).expect("gradient"),
+                    );
+                    assert!(max_diff(a, r) < 1e-4, "{name}: d{what} differs by {}", max_diff(a, r));
+                }
+            }
+            // A finite difference on one query and one key element, through the fused kernel.
+            let loss = |q: &Tensor, k: &Tensor| -> Result<f32> {
+                (fused_attention(q, k, v.as_tensor(), h)?.expect("the CPU kernel") * &w)?
+                    .sum_all()?
+                    .to_scalar::<f32>()
+            };
+            let g = (fused_attention(&q, &k, &v, h)?.expect("the CPU kernel") * &w)?.sum_all()?.backward()?;
+            let eps = 1e-2f32;
+            for (x, at) in [(&q, (1, 200, 13)), (&k, (0, 450, 2))] {
+                let analytic = g
+                    .get(x.as_tensor())
+                    .expect("gradient")
+                    .get(at.0)?
+                    .get(at.1)?
+                    .get(at.2)?
+                    .to_scalar::<f32>()?;
+                let bumped = |delta: f32| -> Result<f32> {
+                    let mut data = x.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                    data[(at.0 * x.dim(1)? + at.1) * x.dim(2)? + at.2] += delta;
+                    let t = Tensor::from_vec(data, x.shape(), &dev)?;
+                    if std::ptr::eq(x, &q) {
+                        loss(&t, k.as_tensor())
+                    } else {
+                        loss(q.as_tensor(), &t)
+                    }
+                };
+                let numeric = (bumped(eps)? - bumped(-eps)?) / (2.0 * eps);
+                assert!(
+                    (numeric - analytic).abs() < 2e-2 * (1.0 + analytic.abs()),
+                    "{numeric} vs {analytic}"
+                );
+            }
+            Ok(())
+        })
     }
 
     #[test]

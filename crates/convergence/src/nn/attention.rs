@@ -40,15 +40,19 @@ pub fn biased_attention_probs(q: &Tensor, k: &Tensor, scale: f64, bias: Option<&
     crate::kernels::softmax_last_dim(&scores)
 }
 
-/// Scaled dot-product attention over [B, H, L, d] heads.
-pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    crate::kernels::batched_matmul(&attention_probs(q, k)?, v)
+/// Scaled dot-product attention softmax(Q K^T / sqrt(d)) V over the stream's heads, -> [B, Lq,
+/// H*dv] with the heads merged. On the CPU in f32 this is one tiled kernel that never holds the
+/// [Lq, Lk] probabilities; elsewhere, [`composed_sdpa`].
+pub fn sdpa(qkv: &Qkv) -> Result<Tensor> {
+    match crate::kernels::fused_attention(&qkv.q, &qkv.k, &qkv.v, qkv.heads)? {
+        Some(out) => Ok(out),
+        None => composed_sdpa(qkv),
+    }
 }
 
-/// [`sdpa`] that also returns the probabilities it used (attention-map capture).
-pub fn sdpa_with_probs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-    let p = attention_probs(q, k)?;
-    Ok((crate::kernels::batched_matmul(&p, v)?, p))
+/// [`sdpa`] from its parts: heads split, [`Qkv::probs`], P V, heads merged.
+pub fn composed_sdpa(qkv: &Qkv) -> Result<Tensor> {
+    merge_heads(&crate::kernels::batched_matmul(&qkv.probs()?, &split_heads(&qkv.v, qkv.heads)?)?)
 }
 
 /// Key names of one stream's projections inside a diffusers `Attention`.
@@ -77,12 +81,22 @@ pub const CONTEXT_STREAM: QkvNames = QkvNames {
 /// The eps of every q/k RMSNorm in SD3.5 and Flux.
 const QK_NORM_EPS: f64 = 1e-6;
 
-/// Queries, keys and values split into heads, [B, H, L, d] each.
+/// Queries, keys and values of one stream, [B, L, H*d] each: the heads side by side, as the
+/// projections write them (the attention kernel reads each head in place).
 #[derive(Clone, Debug)]
 pub struct Qkv {
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
+    pub heads: usize,
+}
+
+impl Qkv {
+    /// The attention probabilities [B, H, Lq, Lk] (what a capture records; the fused kernel
+    /// never materialises them).
+    pub fn probs(&self) -> Result<Tensor> {
+        attention_probs(&split_heads(&self.q, self.heads)?, &split_heads(&self.k, self.heads)?)
+    }
 }
 
 /// The shape of a multi-head attention: model width, head count and size, biased q/k/v
@@ -102,7 +116,7 @@ impl AttentionShape {
     }
 }
 
-/// One stream's q, k, v projections split into heads, q and k normalised when the shape says so.
+/// One stream's q, k, v projections, q and k normalised per head when the shape says so.
 #[derive(Clone, Debug)]
 pub struct QkvProjection {
     to_q: Linear,
@@ -150,14 +164,19 @@ impl QkvProjection {
 
     /// Queries from x, keys and values from `context`.
     pub fn forward_context(&self, x: &Tensor, context: &Tensor) -> Result<Qkv> {
-        let mut q = split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let mut k = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let (mut q, mut k) = (self.to_q.forward(x)?, self.to_k.forward(context)?);
         if let Some((wq, wk)) = &self.qk_norm {
-            q = rms_norm(&q, Some(wq), QK_NORM_EPS)?;
-            k = rms_norm(&k, Some(wk), QK_NORM_EPS)?;
+            q = self.head_rms_norm(&q, wq)?;
+            k = self.head_rms_norm(&k, wk)?;
         }
-        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
-        Ok(Qkv { q, k, v })
+        Ok(Qkv { q, k, v: self.to_v.forward(context)?, heads: self.heads })
+    }
+
+    /// RMSNorm over each head's d channels of x [B, L, H*d].
+    fn head_rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let (b, l, hd) = x.dims3()?;
+        rms_norm(&x.reshape((b, l, self.heads, hd / self.heads))?, Some(weight), QK_NORM_EPS)?
+            .reshape((b, l, hd))
     }
 }
 
@@ -210,16 +229,11 @@ impl Attention {
         context: &Tensor,
         probs: Option<&mut Option<Tensor>>,
     ) -> Result<Tensor> {
-        let Qkv { q, k, v } = self.qkv.forward_context(x, context)?;
-        let out = match probs {
-            None => sdpa(&q, &k, &v)?,
-            Some(slot) => {
-                let (out, p) = sdpa_with_probs(&q, &k, &v)?;
-                *slot = Some(p);
-                out
-            }
-        };
-        self.to_out.forward(&merge_heads(&out)?)
+        let qkv = self.qkv.forward_context(x, context)?;
+        if let Some(slot) = probs {
+            *slot = Some(qkv.probs()?);
+        }
+        self.to_out.forward(&sdpa(&qkv)?)
     }
 
     /// Forward FLOPs (batch 1) with `queries` query and `keys` key tokens: (projections, QK^T
@@ -261,8 +275,9 @@ impl BiasedSelfAttention {
 
     /// x [B, L, D] with a logit bias broadcasting to [B, H, L, L].
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let Qkv { q, k, v } = self.qkv.forward(x)?;
-        let out = crate::kernels::batched_matmul(&biased_attention_probs(&q, &k, self.scale, bias)?, &v)?;
+        let Qkv { q, k, v, heads } = self.qkv.forward(x)?;
+        let p = biased_attention_probs(&split_heads(&q, heads)?, &split_heads(&k, heads)?, self.scale, bias)?;
+        let out = crate::kernels::batched_matmul(&p, &split_heads(&v, heads)?)?;
         self.out.forward(&merge_heads(&out)?)
     }
 }
@@ -276,26 +291,25 @@ pub fn joint_attention(
     rope: Option<&Rope>,
     site: Option<CaptureSite>,
 ) -> Result<Vec<Tensor>> {
-    let cat = |part: fn(&Qkv) -> &Tensor| Tensor::cat(&streams.iter().map(part).collect::<Vec<_>>(), 2);
-    let (mut q, mut k, v) = (cat(|s| &s.q)?, cat(|s| &s.k)?, cat(|s| &s.v)?);
-    if let Some(rope) = rope {
-        q = rope.apply(&q)?;
-        k = rope.apply(&k)?;
-    }
-    let out = match site.filter(|s| s.capture.wants(s.layer)) {
-        None => sdpa(&q, &k, &v)?,
-        Some(s) => {
-            let (out, p) = sdpa_with_probs(&q, &k, &v)?;
-            s.capture.record(s.layer, &p, s.layout)?;
-            out
-        }
+    let Some(heads) = streams.first().map(|s| s.heads) else {
+        candle_core::bail!("joint attention over no streams");
     };
-    let out = merge_heads(&out)?;
+    let cat = |part: fn(&Qkv) -> &Tensor| Tensor::cat(&streams.iter().map(part).collect::<Vec<_>>(), 1);
+    let mut joint = Qkv { q: cat(|s| &s.q)?, k: cat(|s| &s.k)?, v: cat(|s| &s.v)?, heads };
+    if let Some(rope) = rope {
+        joint.q = rope.apply(&joint.q, heads)?;
+        joint.k = rope.apply(&joint.k, heads)?;
+    }
+    if let Some(s) = site.filter(|s| s.capture.wants(s.layer)) {
+        // Recomputed beside the kernel, so capturing never changes what the model outputs.
+        s.capture.record(s.layer, &joint.probs()?, s.layout)?;
+    }
+    let out = sdpa(&joint)?;
     let mut start = 0;
     streams
         .iter()
         .map(|s| {
-            let len = s.q.dim(2)?;
+            let len = s.q.dim(1)?;
             start += len;
             out.narrow(1, start - len, len)
         })
@@ -377,10 +391,11 @@ mod tests {
     #[test]
     fn sdpa_matches_hand_computation_and_rows_sum_to_one() -> Result<()> {
         let dev = Device::Cpu;
-        let q = Tensor::new(&[[[[1f32, 0.], [0., 2.]]]], &dev)?;
-        let k = Tensor::new(&[[[[1f32, 1.], [2., 0.]]]], &dev)?;
-        let v = Tensor::new(&[[[[1f32, 2.], [3., 4.]]]], &dev)?;
-        let (out, p) = sdpa_with_probs(&q, &k, &v)?;
+        let q = Tensor::new(&[[[1f32, 0.], [0., 2.]]], &dev)?;
+        let k = Tensor::new(&[[[1f32, 1.], [2., 0.]]], &dev)?;
+        let v = Tensor::new(&[[[1f32, 2.], [3., 4.]]], &dev)?;
+        let qkv = Qkv { q, k, v, heads: 1 };
+        let (out, p) = (composed_sdpa(&qkv)?, qkv.probs()?);
         let s = 1.0 / 2f32.sqrt();
         // row 0: scores (1*s, 2*s)
         let (a, b) = ((1.0 * s).exp(), (2.0 * s).exp());
@@ -389,7 +404,8 @@ mod tests {
         assert!((pv[0] - p00).abs() < 1e-6 && (pv[0] + pv[1] - 1.0).abs() < 1e-6);
         let o = out.flatten_all()?.to_vec1::<f32>()?;
         assert!((o[0] - (p00 * 1.0 + (1.0 - p00) * 3.0)).abs() < 1e-5);
-        assert_eq!(sdpa(&q, &k, &v)?.flatten_all()?.to_vec1::<f32>()?, o);
+        let fused = sdpa(&qkv)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(fused.iter().zip(&o).all(|(a, b)| (a - b).abs() < 1e-6), "{fused:?} vs {o:?}");
         Ok(())
     }
 
@@ -398,18 +414,18 @@ mod tests {
         use crate::nn::capture::{AttentionCapture, JointLayout};
         let dev = Device::Cpu;
         let stream = |l: usize| -> Result<Qkv> {
-            let t = || Tensor::randn(0f32, 1., (1, 2, l, 4), &dev);
-            Ok(Qkv { q: t()?, k: t()?, v: t()? })
+            let t = || Tensor::randn(0f32, 1., (1, l, 8), &dev);
+            Ok(Qkv { q: t()?, k: t()?, v: t()?, heads: 2 })
         };
         let (text, image) = (stream(3)?, stream(5)?);
         let capture = AttentionCapture::new(1);
         let layout = JointLayout { order: TokenOrder::TextFirst, image: 5, text: 3 };
         let site = CaptureSite { capture: &capture, layer: 0, layout };
         let out = joint_attention(&[text.clone(), image.clone()], None, Some(site))?;
-        let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 2);
+        let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 1);
         let (q, k, v) = (cat(&text.q, &image.q)?, cat(&text.k, &image.k)?, cat(&text.v, &image.v)?);
-        let (reference, p) = sdpa_with_probs(&q, &k, &v)?;
-        let reference = merge_heads(&reference)?;
+        let joint = Qkv { q, k, v, heads: 2 };
+        let (reference, p) = (sdpa(&joint)?, joint.probs()?);
         assert_eq!(out[0].to_vec3::<f32>()?, reference.narrow(1, 0, 3)?.to_vec3::<f32>()?);
         assert_eq!(out[1].to_vec3::<f32>()?, reference.narrow(1, 3, 5)?.to_vec3::<f32>()?);
         let map = capture.take().remove(0);

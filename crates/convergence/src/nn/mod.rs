@@ -16,7 +16,7 @@ pub mod rope;
 pub use activation::Activation;
 pub use adaln::{adaln_zero, gated_residual, modulate, AdaLayerNormContinuous};
 pub use attention::{
-    biased_attention_probs, joint_attention, merge_heads, sdpa, sdpa_with_probs, split_heads, Attention,
+    biased_attention_probs, composed_sdpa, joint_attention, merge_heads, sdpa, split_heads, Attention,
     AttentionShape, BiasedSelfAttention, JointAttention, Qkv, QkvNames, QkvProjection,
 };
 pub use capture::{AttentionCapture, CaptureSite, JointAttentionMap, JointLayout, TokenOrder};

@@ -39,15 +39,18 @@ impl Rope {
         })
     }
 
-    /// Rotates q or k [B, H, L, d]: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) per pair, in f32.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, l, d) = x.dims4()?;
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let pairs = x.reshape((b, h, l, d / 2, 2))?;
+    /// Rotates q or k [B, L, H*d] (`heads` heads): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)
+    /// per pair, in f32, every head by the same angles.
+    pub fn apply(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, l, hd) = x.dims3()?;
+        let (dtype, d) = (x.dtype(), hd / heads);
+        let x = x.to_dtype(DType::F32)?.reshape((b, l, heads, d))?;
+        let pairs = x.reshape((b, l, heads, d / 2, 2))?;
         let (even, odd) = (pairs.narrow(4, 0, 1)?, pairs.narrow(4, 1, 1)?);
-        let rotated = Tensor::cat(&[&odd.neg()?, &even], 4)?.reshape((b, h, l, d))?;
-        (x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?.to_dtype(dtype)
+        let rotated = Tensor::cat(&[&odd.neg()?, &even], 4)?.reshape((b, l, heads, d))?;
+        let per_head = |t: &Tensor| t.reshape((l, 1, d));
+        let y = (x.broadcast_mul(&per_head(&self.cos)?)? + rotated.broadcast_mul(&per_head(&self.sin)?)?)?;
+        y.reshape((b, l, hd))?.to_dtype(dtype)
     }
 }
 
@@ -76,8 +79,8 @@ mod tests {
     fn rotation_acts_on_consecutive_pairs_and_keeps_norm() -> Result<()> {
         let ids = Tensor::new(&[[0f32, 1.]], &Device::Cpu)?;
         let rope = Rope::new(&ids, &[2, 2], 10000.0)?;
-        let x = Tensor::new(&[[[[1f32, 2., 3., 4.]]]], &Device::Cpu)?;
-        let y = rope.apply(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let x = Tensor::new(&[[[1f32, 2., 3., 4.]]], &Device::Cpu)?;
+        let y = rope.apply(&x, 1)?.flatten_all()?.to_vec1::<f32>()?;
         // pair (1, 2) at position 0 is unchanged; pair (3, 4) turns by 1 radian.
         let (s, c) = 1f32.sin_cos();
         assert_eq!(&y[..2], &[1., 2.]);
