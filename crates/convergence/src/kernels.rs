@@ -15,14 +15,18 @@ const PAR_MIN: usize = 1 << 15;
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    // Round to nearest by the 1.5 * 2^23 trick: `round()` is a libm call without SSE4.1.
+    // Round to nearest by the 1.5 * 2^23 trick (`round()` is a libm call without SSE4.1); the
+    // integer k is then in the low mantissa bits, read without `as i32`, whose saturating
+    // conversion compiles to scalar code and would stop the loop from vectorising.
     const MAGIC: f32 = 12_582_912.0;
-    let k = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let k = shifted - MAGIC;
     let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    p * f32::from_bits(((k as i32 + 127) << 23) as u32)
+    let k_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
+    p * f32::from_bits(k_bits.wrapping_add(127) << 23)
 }
 
 /// tanh via exp: tanh(u) = 1 - 2 / (exp(2u) + 1), odd-symmetric for accuracy near 0.
@@ -89,6 +93,21 @@ fn sum8_zip(a: &[f32], b: &[f32], map: impl Fn(f32, f32) -> f32) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// The largest element, in eight independent lanes (one running `f32::max` is a serial chain:
+/// its NaN rule keeps the compiler from reordering it, ~3 cycles per element).
+#[inline(always)]
+fn max8(a: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = a.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for x in chunks {
+        for k in 0..8 {
+            acc[k] = if x[k] > acc[k] { x[k] } else { acc[k] };
+        }
+    }
+    acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
 }
 
 /// Applies `f` to chunks of `out` (with the matching chunks of the inputs) in parallel.
@@ -186,7 +205,7 @@ struct SoftmaxGrad;
 simd_fn! {
     /// The row's logits are replaced by their softmax.
     fn softmax_row(o: &mut [f32]) {
-        let max = o.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = max8(o);
         for o in o.iter_mut() {
             // Exactly 0 below exp's f32 range, so masked (-inf) keys get no weight at all.
             let z = *o - max;
