@@ -634,7 +634,8 @@ impl CustomOp3 for LinearBias {
         "linear"
     }
 
-    /// y = x W^T + b: every row of y starts as b and gemm accumulates the product onto it.
+    /// y = x W^T + b over x's last axis (x contiguous, any rank): every row of y starts as b and
+    /// gemm accumulates the product onto it.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -644,41 +645,45 @@ impl CustomOp3 for LinearBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (s1, s2) else {
+        let CpuStorage::F32(ws) = s2 else {
             candle_core::bail!("linear: expected f32");
         };
         let bias = contiguous_f32(s3, l3, self.name())?;
-        let (Some(x), Some(w)) = (Operand::of(l1), Operand::of(l2)) else {
-            candle_core::bail!("linear: expected matrices");
-        };
-        if x.n != 1 || w.n != 1 || x.cols != w.cols || w.rows != bias.len() {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let in_dim = l1.dims().last().copied().unwrap_or(0);
+        let Some(w) = Operand::of(l2).filter(|w| w.n == 1 && w.cols == in_dim && w.rows == bias.len()) else {
             candle_core::bail!("linear: {:?} x {:?}^T + {:?}", l1.dims(), l2.dims(), l3.dims());
-        }
-        let (rows, out) = (x.rows, w.rows);
+        };
+        let (rows, out) = (x.len() / in_dim.max(1), w.rows);
         let mut y = vec![0f32; rows * out];
         par_rows(&mut y, out, |_, o| o.copy_from_slice(bias));
         // SAFETY: the layouts come from candle and describe elements inside `xs` and `ws`; `y`
         // holds rows x out elements. W^T's element (k, j) is W's (j, k): its strides swap.
         unsafe {
             matmul(
-                (rows, out, x.cols),
+                (rows, out, in_dim),
                 Mat::rows_of(&mut y, out),
                 true,
-                (1.0, x.mat(xs, 0), w.mat(ws, 0).t()),
+                (1.0, Mat { ptr: x.as_ptr().cast_mut(), rs: in_dim as isize, cs: 1 }, w.mat(ws, 0).t()),
                 rayon::current_num_threads(),
             )
         };
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     /// dx = g W, dW = g^T x, db = column sums of g. Only x, W and b stay in the graph (a
     /// separate bias add would keep the pre-bias product alive until the backward).
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
-        let g = g.contiguous()?;
+        // As matrices [rows, in] and [rows, out]: views, since x and g are contiguous.
+        let (in_dim, out) = (w.dim(1)?, w.dim(0)?);
+        let (rows, x_dims) = (x.elem_count() / in_dim.max(1), x.dims());
+        let (x, g) = (x.reshape((rows, in_dim))?, g.contiguous()?.reshape((rows, out))?);
         let dx = g.apply_op2_no_bwd(&walkable(w)?, &BatchedMatmul)?;
-        let dw = walkable(&g.t()?)?.apply_op2_no_bwd(&walkable(x)?, &BatchedMatmul)?;
+        let dw = walkable(&g.t()?)?.apply_op2_no_bwd(&x, &BatchedMatmul)?;
         let db = g.apply_op1_no_bwd(&ColumnSums)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((Some(dx.reshape(x_dims)?), Some(dw), Some(db)))
     }
 }
 
@@ -696,14 +701,29 @@ impl CustomOp1 for ColumnSums {
     }
 }
 
-/// `x W^T + b` for x [R, in], W [out, in] (PyTorch's layout) and b [out], in one op.
+/// `x W^T + b` over the last axis of x [..., in], for W [out, in] (PyTorch's layout) and b [out],
+/// in one op: no reshapes around it, each of which would cost the backward a zeroed gradient
+/// and an add the size of the activation.
 pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if f32_cpu(x) && f32_cpu(w) && f32_cpu(b) && x.rank() == 2 && w.rank() == 2 {
-        x.apply_op3(w, &b.contiguous()?, LinearBias)
+    if f32_cpu(x) && f32_cpu(w) && f32_cpu(b) && x.rank() >= 1 && w.rank() == 2 {
+        x.contiguous()?.apply_op3(w, &b.contiguous()?, LinearBias)
     } else {
-        x.matmul(&w.t()?)?.broadcast_add(b)
+        flat_matmul_t(x, w)?.broadcast_add(b)
     }
+}
+
+/// x W^T over the last axis of x [..., in]: the leading axes flattened into one matrix product,
+/// not a batched one (candle's batched matmul broadcasts W per batch element, and its backward
+/// then materialises one weight gradient per element before summing them).
+pub fn flat_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let mut dims = x.dims().to_vec();
+    let rows = x.elem_count() / in_dim.max(1);
+    if let Some(last) = dims.last_mut() {
+        *last = out_dim;
+    }
+    x.reshape((rows, in_dim))?.matmul(&w.t()?)?.reshape(dims)
 }
 
 /// A strided matrix in memory: element (r, c) at `ptr + r * rs + c * cs`.
@@ -1288,6 +1308,12 @@ mod tests {
             &[&[300, 24], &[10, 24], &[10]],
             |t| linear_bias(&t[0], &t[1], &t[2]),
             |t| t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2]),
+        )?;
+        // Any rank: [B, L, in] in, [B, L, out] out, no reshape in the graph.
+        check_against_composition(
+            &[&[3, 100, 24], &[10, 24], &[10]],
+            |t| linear_bias(&t[0], &t[1], &t[2]),
+            |t| t[0].broadcast_matmul(&t[1].t()?)?.broadcast_add(&t[2]),
         )
     }
 

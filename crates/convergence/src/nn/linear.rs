@@ -4,10 +4,6 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// y = x W^T + b over the last axis of x (any rank).
-///
-/// Leading axes are flattened into one matrix product instead of a batched one: candle's
-/// batched matmul broadcasts W per batch element, and its backward then materialises one weight
-/// gradient per element before summing them (hundreds of MB for a training batch).
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Tensor,
@@ -37,19 +33,10 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let (in_dim, out_dim) = (self.weight.dim(1)?, self.weight.dim(0)?);
-        let rows = x.elem_count() / in_dim.max(1);
-        let x = x.reshape((rows, in_dim))?;
-        let y = match &self.bias {
-            Some(b) => crate::kernels::linear_bias(&x, &self.weight, b)?,
-            None => x.matmul(&self.weight.t()?)?,
-        };
-        let mut out = dims.to_vec();
-        if let Some(last) = out.last_mut() {
-            *last = out_dim;
+        match &self.bias {
+            Some(b) => crate::kernels::linear_bias(x, &self.weight, b),
+            None => crate::kernels::flat_matmul_t(x, &self.weight),
         }
-        y.reshape(out)
     }
 }
 
