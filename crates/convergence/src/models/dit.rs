@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::models::{Conditioning, Denoiser, Prediction};
-use crate::nn::adaln::{chunks, gated_residual, modulate};
+use crate::nn::adaln::{chunks, gated_residual, modulate, modulated_norm};
 use crate::nn::{
     layer_norm, linear, timestep_embedding, unpatchify, Attention, FeedForward, Init, LabelEmbedding, Linear,
     PatchEmbed, PatchOrder, SincosPositions, Sinusoid, TimestepEmbedding,
@@ -240,13 +240,15 @@ impl DiTBlock {
         let m = chunks(&self.norm1.linear.forward(&c.silu()?)?, 6)?;
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
-        let h = modulate(&layer_norm(x, 1e-6)?, shift_msa, scale_msa)?;
+        let h = modulated_norm(x, shift_msa, scale_msa, 1e-6)?;
         let x = gated_residual(x, gate_msa, &self.attn1.forward(&h, None)?)?;
-        let mut n = layer_norm(&x, self.norm2_eps)?;
-        if let Some((w, b)) = &self.norm2_affine {
-            n = n.broadcast_mul(w)?.broadcast_add(b)?;
-        }
-        let h = modulate(&n, shift_mlp, scale_mlp)?;
+        let h = match &self.norm2_affine {
+            None => modulated_norm(&x, shift_mlp, scale_mlp, self.norm2_eps)?,
+            Some((w, b)) => {
+                let n = layer_norm(&x, self.norm2_eps)?.broadcast_mul(w)?.broadcast_add(b)?;
+                modulate(&n, shift_mlp, scale_mlp)?
+            }
+        };
         gated_residual(&x, gate_mlp, &self.ff.forward(&h)?)
     }
 }
@@ -347,7 +349,7 @@ impl DiT {
             None => candle_core::bail!("DiT has no transformer blocks"),
         };
         let m = chunks(&self.proj_out_1.forward(&c.silu()?)?, 2)?;
-        let x = modulate(&layer_norm(&x, 1e-6)?, &m[0], &m[1])?;
+        let x = modulated_norm(&x, &m[0], &m[1], 1e-6)?;
         let x = self.proj_out_2.forward(&x)?;
         unpatchify(&x, gh, gw, p, PatchOrder::ChannelLast)
     }

@@ -8,12 +8,12 @@
 
 use crate::error::{Error, Result};
 use crate::models::{Conditioning, Denoiser, FlopCount, Prediction, TokenCounts};
-use crate::nn::adaln::{adaln_zero, gated_residual, modulate};
+use crate::nn::adaln::{adaln_zero, gated_residual, modulated_norm};
 use crate::nn::attention::{AttentionShape, SAMPLE_STREAM};
 use crate::nn::{
-    joint_attention, layer_norm, linear, patchify, unpatchify, AdaLayerNormContinuous, AttentionCapture,
-    CaptureSite, Init, JointBlockConfig, JointLayout, JointTransformerBlock, Linear, PatchOrder,
-    QkvProjection, Rope, TimeTextEmbedding, TokenOrder,
+    joint_attention, linear, patchify, unpatchify, AdaLayerNormContinuous, AttentionCapture, CaptureSite,
+    Init, JointBlockConfig, JointLayout, JointTransformerBlock, Linear, PatchOrder, QkvProjection, Rope,
+    TimeTextEmbedding, TokenOrder,
 };
 use crate::weights::{ParamList, ShapeRecorder};
 use candle_core::{DType, Device, Module, Tensor};
@@ -207,7 +207,7 @@ impl FluxSingleTransformerBlock {
         site: Option<CaptureSite>,
     ) -> candle_core::Result<Tensor> {
         let m = adaln_zero(&self.norm, temb, 3)?;
-        let h = modulate(&layer_norm(x, 1e-6)?, &m[0], &m[1])?;
+        let h = modulated_norm(x, &m[0], &m[1], 1e-6)?;
         let mlp = self.proj_mlp.forward(&h)?.gelu()?;
         let attn = joint_attention(&[self.attn.forward(&h)?], Some(rope), site)?.remove(0);
         gated_residual(x, &m[2], &self.proj_out.forward(&Tensor::cat(&[attn, mlp], 2)?)?)

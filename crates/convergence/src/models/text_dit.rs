@@ -7,8 +7,9 @@
 use crate::error::{Error, Result};
 use crate::models::{Conditioning, Denoiser, Prediction};
 use crate::nn::{
-    adaln_zero, gated_residual, layer_norm, linear, modulate, unpatchify, AdaLayerNormContinuous, Attention,
-    AttentionShape, FeedForward, Init, Linear, PatchEmbed, PatchOrder, SincosPositions, TimeTextEmbedding,
+    adaln_zero, gated_residual, layer_norm, linear, modulated_norm, unpatchify, AdaLayerNormContinuous,
+    Attention, AttentionShape, FeedForward, Init, Linear, PatchEmbed, PatchOrder, SincosPositions,
+    TimeTextEmbedding,
 };
 use crate::weights::{ParamList, ShapeRecorder};
 use candle_core::{Module, Tensor};
@@ -151,12 +152,12 @@ impl TextDiTBlock {
     /// cross-attends (the model checks they are there).
     fn forward(&self, x: &Tensor, c: &Tensor, text: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let m = adaln_zero(&self.norm1, c, 6)?;
-        let h = modulate(&layer_norm(x, EPS)?, &m[0], &m[1])?;
+        let h = modulated_norm(x, &m[0], &m[1], EPS)?;
         let mut x = gated_residual(x, &m[2], &self.attn.forward(&h, None)?)?;
         if let (Some(attn2), Some(text)) = (&self.attn2, text) {
             x = (&x + attn2.forward_context(&layer_norm(&x, EPS)?, text, None)?)?;
         }
-        let h = modulate(&layer_norm(&x, EPS)?, &m[3], &m[4])?;
+        let h = modulated_norm(&x, &m[3], &m[4], EPS)?;
         gated_residual(&x, &m[5], &self.ff.forward(&h)?)
     }
 }

@@ -1,7 +1,6 @@
 //! Adaptive LayerNorm modulation: the conditioning vector sets each block's shift, scale and gate.
 
 use super::linear::{linear, Init, Linear};
-use super::norm::layer_norm;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -9,6 +8,12 @@ use candle_nn::VarBuilder;
 /// `x` [B, L, D] (a fused kernel with its own backward on the CPU).
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     crate::kernels::modulate(x, shift, scale)
+}
+
+/// `modulate(layer_norm(x, eps), shift, scale)`, the LayerNorm computed inside the same kernel
+/// (the normalised tensor is never stored).
+pub fn modulated_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::kernels::modulated_norm(x, shift, scale, eps)
 }
 
 /// The adaLN-Zero residual `x + gate * branch`, `gate` [B, D]: a zero gate makes the block the
@@ -46,7 +51,7 @@ impl AdaLayerNormContinuous {
 
     pub fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
         let m = adaln_zero(&self.linear, c, 2)?;
-        modulate(&layer_norm(x, Self::EPS)?, &m[1], &m[0])
+        modulated_norm(x, &m[1], &m[0], Self::EPS)
     }
 }
 

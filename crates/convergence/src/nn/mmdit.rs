@@ -3,12 +3,11 @@
 //! modulation, q/k/v and output projections, MLP) and meet in one joint attention. Key names are
 //! diffusers' `JointTransformerBlock` (SD3), which `FluxTransformerBlock` shares.
 
-use super::adaln::{adaln_zero, gated_residual, modulate, AdaLayerNormContinuous};
+use super::adaln::{adaln_zero, gated_residual, modulated_norm, AdaLayerNormContinuous};
 use super::attention::{Attention, AttentionShape, JointAttention};
 use super::capture::{CaptureSite, TokenOrder};
 use super::linear::{linear, Init, Linear};
 use super::mlp::FeedForward;
-use super::norm::layer_norm;
 use super::rope::Rope;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -93,18 +92,19 @@ impl JointTransformerBlock {
         site: Option<CaptureSite>,
     ) -> Result<(Option<Tensor>, Tensor)> {
         let m = adaln_zero(&self.norm1, temb, if self.attn2.is_some() { 9 } else { 6 })?;
-        let x_hat = layer_norm(x, EPS)?;
+        // SD3.5's second attention reads the same normalised x under its own shift and scale.
+        let x_hat = |shift: &Tensor, scale: &Tensor| modulated_norm(x, shift, scale, EPS);
         let (ctx_in, ctx_mod) = match &self.norm1_context {
             ContextNorm::Zero(lin) => {
                 let c = adaln_zero(lin, temb, 6)?;
-                (modulate(&layer_norm(context, EPS)?, &c[0], &c[1])?, Some(c))
+                (modulated_norm(context, &c[0], &c[1], EPS)?, Some(c))
             }
             ContextNorm::Continuous(norm) => (norm.forward(context, temb)?, None),
         };
-        let (attn_x, attn_ctx) = self.attn.forward(&modulate(&x_hat, &m[0], &m[1])?, &ctx_in, rope, site)?;
+        let (attn_x, attn_ctx) = self.attn.forward(&x_hat(&m[0], &m[1])?, &ctx_in, rope, site)?;
         let mut x = gated_residual(x, &m[2], &attn_x)?;
         if let Some(attn2) = &self.attn2 {
-            x = gated_residual(&x, &m[8], &attn2.forward(&modulate(&x_hat, &m[6], &m[7])?, None)?)?;
+            x = gated_residual(&x, &m[8], &attn2.forward(&x_hat(&m[6], &m[7])?, None)?)?;
         }
         let x = mlp_residual(&self.ff, &x, &m[3..6])?;
         let context = match (ctx_mod, attn_ctx, &self.ff_context) {
@@ -120,6 +120,5 @@ impl JointTransformerBlock {
 
 /// x + gate * MLP(modulate(LayerNorm(x), shift, scale)), `m` = [shift, scale, gate].
 fn mlp_residual(ff: &FeedForward, x: &Tensor, m: &[Tensor]) -> Result<Tensor> {
-    let h = modulate(&layer_norm(x, EPS)?, &m[0], &m[1])?;
-    gated_residual(x, &m[2], &ff.forward(&h)?)
+    gated_residual(x, &m[2], &ff.forward(&modulated_norm(x, &m[0], &m[1], EPS)?)?)
 }

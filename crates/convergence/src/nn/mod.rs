@@ -14,7 +14,7 @@ pub mod patchify;
 pub mod rope;
 
 pub use activation::Activation;
-pub use adaln::{adaln_zero, gated_residual, modulate, AdaLayerNormContinuous};
+pub use adaln::{adaln_zero, gated_residual, modulate, modulated_norm, AdaLayerNormContinuous};
 pub use attention::{
     biased_attention_probs, composed_sdpa, joint_attention, merge_heads, sdpa, split_heads, Attention,
     AttentionShape, BiasedSelfAttention, JointAttention, Qkv, QkvNames, QkvProjection,
