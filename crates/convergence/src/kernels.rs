@@ -4,7 +4,10 @@
 //! falls back to the plain composition off the CPU, and is tested against that composition
 //! (values and gradients).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout, Result, Shape,
+    Tensor, D,
+};
 use rayon::prelude::*;
 
 /// Rows below this many elements are processed on one thread (spawning costs more).
@@ -55,15 +58,15 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f3
 /// kernels' loops live in such functions: a closure called from an AVX2 function is not reliably
 /// inlined into it, so it would keep the baseline code.
 macro_rules! simd_fn {
-    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        fn $name($($a: $t),*) {
+        fn $name($($a: $t),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($a: $t),*) $body
+            fn body($($a: $t),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($a: $t),*) {
+                unsafe fn avx2($($a: $t),*) $(-> $ret)? {
                     body($($a),*)
                 }
                 // SAFETY: the CPU was just checked to have AVX2.
@@ -1175,6 +1178,162 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
     q.apply_op3(k, v, FusedAttention { heads }).map(Some)
 }
 
+// The optimiser's element-wise updates, in place and in one pass each (as candle ops, one AdamW
+// step over DiT-S/2's 33M parameters was ~13 allocating single-threaded passes).
+
+/// Elements per parallel chunk of the optimiser kernels.
+const OPT_CHUNK: usize = 1 << 16;
+
+fn contiguous_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: the updated tensor must be contiguous");
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("{op}: expected f32"),
+    }
+}
+
+/// An exponential moving average updated in place: avg = beta avg + (1 - beta) f(x), with
+/// f(x) = scale x, or (scale x)^2 for Adam's second moment.
+struct MovingAverage {
+    beta: f32,
+    scale: f32,
+    square: bool,
+}
+
+simd_fn! {
+    fn moving_average_chunk(avg: &mut [f32], x: &[f32], beta: f32, scale: f32, square: bool) {
+        for (a, &x) in avg.iter_mut().zip(x) {
+            let x = scale * x;
+            *a = beta * *a + (1.0 - beta) * if square { x * x } else { x };
+        }
+    }
+}
+
+impl InplaceOp2 for MovingAverage {
+    fn name(&self) -> &'static str {
+        "moving-average"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let avg = contiguous_f32_mut(s1, l1, self.name())?;
+        let x = contiguous_f32(s2, l2, self.name())?;
+        if avg.len() != x.len() {
+            candle_core::bail!("moving-average: {:?} vs {:?}", l1.dims(), l2.dims());
+        }
+        avg.par_chunks_mut(OPT_CHUNK)
+            .zip(x.par_chunks(OPT_CHUNK))
+            .for_each(|(a, x)| moving_average_chunk(a, x, self.beta, self.scale, self.square));
+        Ok(())
+    }
+}
+
+/// AdamW's parameter update in place, from the moments m and v:
+/// p = p (1 - lr wd) - lr (m / c1) / (sqrt(v / c2) + eps).
+struct AdamUpdate {
+    lr: f32,
+    decay: f32,
+    c1: f32,
+    c2: f32,
+    eps: f32,
+}
+
+simd_fn! {
+    fn adam_update_chunk(p: &mut [f32], m: &[f32], v: &[f32], u: &AdamUpdate) {
+        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+            *p = *p * u.decay - u.lr * ((m / u.c1) / ((v / u.c2).sqrt() + u.eps));
+        }
+    }
+}
+
+impl InplaceOp3 for AdamUpdate {
+    fn name(&self) -> &'static str {
+        "adam-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let p = contiguous_f32_mut(s1, l1, self.name())?;
+        let (m, v) = (contiguous_f32(s2, l2, self.name())?, contiguous_f32(s3, l3, self.name())?);
+        if p.len() != m.len() || p.len() != v.len() {
+            candle_core::bail!("adam-update: {:?}, {:?}, {:?}", l1.dims(), l2.dims(), l3.dims());
+        }
+        let chunks = m.par_chunks(OPT_CHUNK).zip(v.par_chunks(OPT_CHUNK));
+        p.par_chunks_mut(OPT_CHUNK).zip(chunks).for_each(|(p, (m, v))| adam_update_chunk(p, m, v, self));
+        Ok(())
+    }
+}
+
+/// One AdamW update's scalars: bias corrections c1 = 1 - b1^t and c2 = 1 - b2^t, and the
+/// gradient's clip factor.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub clip: f64,
+    pub c1: f64,
+    pub c2: f64,
+}
+
+fn cpu_f32_contiguous(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
+}
+
+/// AdamW on one parameter, in place: moments m, v from the gradient g, then p. `Ok(false)`
+/// (nothing done) unless all four are contiguous f32 CPU tensors; the caller composes it then.
+/// m and v must not share storage with anything (they are overwritten).
+pub fn adamw_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &AdamStep) -> Result<bool> {
+    if ![p, g, m, v].iter().all(|t| cpu_f32_contiguous(t)) {
+        return Ok(false);
+    }
+    let (b1, b2, clip) = (s.betas.0 as f32, s.betas.1 as f32, s.clip as f32);
+    m.inplace_op2(g, &MovingAverage { beta: b1, scale: clip, square: false })?;
+    v.inplace_op2(g, &MovingAverage { beta: b2, scale: clip, square: true })?;
+    let decay = (1.0 - s.lr * s.weight_decay) as f32;
+    let (c1, c2, eps) = (s.c1 as f32, s.c2 as f32, s.eps as f32);
+    p.inplace_op3(m, v, &AdamUpdate { lr: s.lr as f32, decay, c1, c2, eps })?;
+    Ok(true)
+}
+
+/// avg = beta avg + (1 - beta) x in place (the weights' EMA); `Ok(false)` as above.
+pub fn moving_average_in_place(avg: &Tensor, x: &Tensor, beta: f64) -> Result<bool> {
+    if !(cpu_f32_contiguous(avg) && cpu_f32_contiguous(x)) {
+        return Ok(false);
+    }
+    avg.inplace_op2(x, &MovingAverage { beta: beta as f32, scale: 1.0, square: false })?;
+    Ok(true)
+}
+
+/// The sum of squares of a contiguous f32 CPU tensor (`None` otherwise), accumulated per chunk
+/// in f32 lanes and across chunks in f64, without the squared copy.
+pub fn sum_squares(t: &Tensor) -> Result<Option<f64>> {
+    if !cpu_f32_contiguous(t) {
+        return Ok(None);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let x = contiguous_f32(cpu, layout, "sum-squares")?;
+    Ok(Some(x.par_chunks(OPT_CHUNK).map(|c| sum_squares_chunk(c) as f64).sum()))
+}
+
+simd_fn! {
+    fn sum_squares_chunk(x: &[f32]) -> f32 {
+        sum8(x, |v| v * v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1327,6 +1486,20 @@ mod tests {
             |t| modulate(&t[0], &t[1], &t[2]),
             |t| composed_modulate(&t[0], &t[1], &t[2]),
         )
+    }
+
+    #[test]
+    fn sum_squares_and_moving_average_match_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (5, 40_001), &dev)?;
+        let composed = x.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let fast = sum_squares(&x)?.expect("the CPU kernel");
+        assert!((fast - composed).abs() < 1e-5 * composed, "{fast} vs {composed}");
+        let avg = Tensor::randn(0f32, 1., (5, 40_001), &dev)?;
+        let expected = ((&avg * 0.9)? + (&x * 0.1)?)?;
+        assert!(moving_average_in_place(&avg, &x, 0.9)?);
+        assert!(max_diff(&avg, &expected) < 1e-6);
+        Ok(())
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! AdamW with linear warm-up, an optional linear cool-down, global-norm gradient clipping and an EMA of the weights. The state
 //! is plain named tensors so a checkpoint can hold it and resume bit for bit.
 
+use crate::kernels::{self, AdamStep};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -35,12 +36,32 @@ fn default_eps() -> f64 {
     1e-8
 }
 
-/// One parameter with its moments.
+/// One parameter with its moments (each its own storage: the CPU kernels update them in place).
 pub struct Slot {
     pub name: String,
     pub var: Var,
     pub m: Tensor,
     pub v: Tensor,
+}
+
+impl Slot {
+    /// One AdamW update: in place by `kernels::adamw_in_place` (contiguous f32 on the CPU), else
+    /// composed from tensor ops (the reference it is tested against).
+    fn update(&mut self, g: &Tensor, s: &AdamStep) -> Result<()> {
+        if !kernels::adamw_in_place(self.var.as_tensor(), g, &self.m, &self.v, s)? {
+            self.composed_update(g, s)?;
+        }
+        Ok(())
+    }
+
+    fn composed_update(&mut self, g: &Tensor, s: &AdamStep) -> Result<()> {
+        let ((b1, b2), g) = (s.betas, (g * s.clip)?);
+        self.m = ((&self.m * b1)? + (&g * (1.0 - b1))?)?;
+        self.v = ((&self.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+        let update = ((&self.m / s.c1)? / ((&self.v / s.c2)?.sqrt()? + s.eps)?)?;
+        let decayed = (self.var.as_tensor() * (1.0 - s.lr * s.weight_decay))?;
+        self.var.set(&(decayed - (update * s.lr)?)?)
+    }
 }
 
 pub struct AdamW {
@@ -56,10 +77,7 @@ impl AdamW {
     pub fn new(cfg: AdamWConfig, vars: Vec<(String, Var)>, total_steps: usize) -> Result<Self> {
         let slots = vars
             .into_iter()
-            .map(|(name, var)| {
-                let z = var.zeros_like()?;
-                Ok(Slot { name, m: z.clone(), v: z, var })
-            })
+            .map(|(name, var)| Ok(Slot { name, m: var.zeros_like()?, v: var.zeros_like()?, var }))
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { cfg, slots, step: 0, total_steps })
     }
@@ -78,7 +96,10 @@ impl AdamW {
         let mut sq = 0f64;
         for s in &self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                sq += match kernels::sum_squares(g)? {
+                    Some(sum) => sum,
+                    None => g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
+                };
             }
         }
         Ok(sq.sqrt())
@@ -92,22 +113,23 @@ impl AdamW {
         } else {
             1.0
         };
-        let lr = self.lr_at(self.step);
         let (b1, b2) = self.cfg.betas;
         let t = (self.step + 1) as i32;
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let hyper = AdamStep {
+            lr: self.lr_at(self.step),
+            betas: self.cfg.betas,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+            clip,
+            c1: 1.0 - b1.powi(t),
+            c2: 1.0 - b2.powi(t),
+        };
         for s in &mut self.slots {
-            let Some(g) = grads.get(s.var.as_tensor()) else {
-                continue;
-            };
             // Detached: a gradient can carry the op graph it was computed through, which the
             // moments would otherwise keep alive step after step.
-            let g = if clip != 1.0 { (g.detach() * clip)? } else { g.detach() };
-            s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
-            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&s.m / c1)? / ((&s.v / c2)?.sqrt()? + self.cfg.eps)?)?;
-            let decayed = (s.var.as_tensor() * (1.0 - lr * self.cfg.weight_decay))?;
-            s.var.set(&(decayed - (update * lr)?)?)?;
+            if let Some(g) = grads.get(s.var.as_tensor()) {
+                s.update(&g.detach().contiguous()?, &hyper)?;
+            }
         }
         self.step += 1;
         Ok(norm)
@@ -131,8 +153,9 @@ impl AdamW {
                     .cloned()
                     .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint: missing `{k}`")))
             };
-            s.m = get(format!("adam_m.{}", s.name))?;
-            s.v = get(format!("adam_v.{}", s.name))?;
+            // Copies: the moments are updated in place, and must not write into the caller's map.
+            s.m = get(format!("adam_m.{}", s.name))?.copy()?;
+            s.v = get(format!("adam_v.{}", s.name))?.copy()?;
         }
         self.step = step;
         Ok(())
@@ -174,7 +197,9 @@ impl Ema {
         // Every tensor here is detached: an average that recorded its ops would keep each
         // step's predecessor alive (a leak of one model copy per step).
         for ((_, e), (_, v)) in self.shadow.iter_mut().zip(vars) {
-            *e = ((&*e * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
+            if !kernels::moving_average_in_place(e, v.as_tensor(), d)? {
+                *e = ((&*e * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
+            }
         }
         Ok(())
     }
@@ -234,6 +259,41 @@ mod tests {
         let loss = (var.as_tensor() * 100.0)?.sum_all()?;
         let norm = opt.step(&loss.backward()?)?;
         assert!((norm - 100.0).abs() < 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn in_place_adamw_matches_the_composed_update() -> Result<()> {
+        // Clipping, weight decay and bias correction all active, over a few steps, on a tensor
+        // big enough for several parallel chunks.
+        let dev = Device::Cpu;
+        let init = Tensor::randn(0f32, 1., (3, 70_001), &dev)?;
+        let slot = || -> Result<Slot> {
+            let var = Var::from_tensor(&init.copy()?)?;
+            Ok(Slot { name: "w".into(), m: var.zeros_like()?, v: var.zeros_like()?, var })
+        };
+        let (fast, mut composed) = (slot()?, slot()?);
+        for t in 1..=3 {
+            let g = Tensor::randn(0f32, 1., (3, 70_001), &dev)?;
+            let s = AdamStep {
+                lr: 0.01,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.1,
+                clip: 0.5,
+                c1: 1.0 - 0.9f64.powi(t),
+                c2: 1.0 - 0.999f64.powi(t),
+            };
+            assert!(kernels::adamw_in_place(fast.var.as_tensor(), &g, &fast.m, &fast.v, &s)?);
+            composed.composed_update(&g, &s)?;
+        }
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(diff(fast.var.as_tensor(), composed.var.as_tensor())? < 1e-6);
+        assert!(diff(&fast.m, &composed.m)? < 1e-6 && diff(&fast.v, &composed.v)? < 1e-6);
+        // The composed update changed the weights (the comparison is not between two no-ops).
+        assert!(diff(composed.var.as_tensor(), &init)? > 1e-3);
         Ok(())
     }
 
