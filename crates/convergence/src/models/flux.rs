@@ -208,7 +208,7 @@ impl FluxSingleTransformerBlock {
     ) -> candle_core::Result<Tensor> {
         let m = adaln_zero(&self.norm, temb, 3)?;
         let h = modulated_norm(x, &m[0], &m[1], 1e-6)?;
-        let mlp = self.proj_mlp.forward(&h)?.gelu()?;
+        let mlp = self.proj_mlp.forward_gelu(&h)?;
         let attn = joint_attention(&[self.attn.forward(&h)?], Some(rope), site)?.remove(0);
         gated_residual(x, &m[2], &self.proj_out.forward(&Tensor::cat(&[attn, mlp], 2)?)?)
     }

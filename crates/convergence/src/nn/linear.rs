@@ -31,6 +31,16 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// GELU-tanh(x W^T + b) (an MLP's first layer), fused into the linear when it has a bias.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => crate::kernels::linear_bias_gelu(x, &self.weight, b),
+            None => crate::kernels::gelu_tanh(&self.forward(x)?),
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.bias {

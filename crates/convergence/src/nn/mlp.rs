@@ -40,12 +40,12 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(x)?;
         let h = if self.gated {
+            let h = self.proj_in.forward(x)?;
             let half = h.dim(D::Minus1)? / 2;
             h.narrow(D::Minus1, 0, half)?.mul(&h.narrow(D::Minus1, half, half)?.gelu_erf()?)?
         } else {
-            crate::kernels::gelu_tanh(&h)?
+            self.proj_in.forward_gelu(x)?
         };
         self.proj_out.forward(&h)
     }
