@@ -8,7 +8,7 @@ use convergence::bench;
 ///
 /// Workloads: dit-xl-2-forward, dit-s-2-train-step, fashion-train-step, fashion-sample-32,
 /// sd3-joint-block, flux-single-block (`--list`). bench/pytorch_bench.py runs the same ones in
-/// PyTorch; bench/compare.sh puts both side by side. Threads: the global `--threads` (or
+/// PyTorch; bench/compare.py puts both side by side. Threads: the global `--threads` (or
 /// RAYON_NUM_THREADS).
 #[derive(clap::Args)]
 pub struct Args {

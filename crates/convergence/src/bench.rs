@@ -1,7 +1,7 @@
 //! Benchmark workloads (issue #6): fixed model/shape/batch combinations on random weights, timed
 //! per iteration, with the process's peak resident memory. `bench/pytorch_bench.py` runs the
 //! same workloads in PyTorch eager with diffusers' classes, so the two can be compared side by
-//! side (`bench/compare.sh`).
+//! side (`bench/compare.py`).
 //!
 //! Every workload goes through the code the project runs for real: `DiT::forward_labels`, the
 //! trainer's model constructor, `Objective::loss` + backward + `AdamW::step`, `flow::sample` with
