@@ -126,6 +126,11 @@ where
     }
 }
 
+/// Whether the f32 CPU kernels apply to `t`.
+fn f32_cpu(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
 /// `op` applied on the CPU in f32 (half-precision inputs widened and the result narrowed back);
 /// `None` where the kernels do not apply (another device, an integer dtype).
 fn cpu_kernel(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static) -> Result<Option<Tensor>> {
@@ -383,7 +388,7 @@ pub fn composed_layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Whether the token-broadcast kernels apply: f32 on the CPU, x [B, L, D] and rows [B, D].
 fn token_broadcast(x: &Tensor, rows: &[&Tensor]) -> bool {
-    let (Ok((b, _, d)), true) = (x.dims3(), x.device().is_cpu() && x.dtype() == DType::F32) else {
+    let (Ok((b, _, d)), true) = (x.dims3(), f32_cpu(x)) else {
         return false;
     };
     rows.iter().all(|r| r.dtype() == DType::F32 && r.dims() == [b, d])
@@ -662,8 +667,8 @@ struct ColumnSums;
 /// pre-activation is kept here for the backward, when one will run, rather than being a graph
 /// node whose gradient candle would zero and accumulate (25 MB per DiT-S/2 block at batch 16).
 struct GeluOut {
-    keep: bool,
-    pre: OnceLock<Tensor>,
+    /// `None` when no backward will run (nothing tracks gradients): nothing is kept.
+    pre: Option<OnceLock<Tensor>>,
 }
 
 simd_fn! {
@@ -723,9 +728,9 @@ impl CustomOp3 for LinearBias {
         };
         let mut act = vec![0f32; y.len()];
         par_rows(&mut act, 4096, |i, o| gelu_rows(&y[i * 4096..], o));
-        if gelu.keep {
+        if let Some(slot) = &gelu.pre {
             let pre = Tensor::from_vec(y, dims.as_slice(), &candle_core::Device::Cpu)?;
-            gelu.pre.set(pre).map_err(|_| candle_core::Error::Msg("linear-gelu: run twice".into()))?;
+            slot.set(pre).map_err(|_| candle_core::Error::Msg("linear-gelu: run twice".into()))?;
         }
         Ok((CpuStorage::F32(act), Shape::from(dims)))
     }
@@ -734,7 +739,7 @@ impl CustomOp3 for LinearBias {
     /// separate bias add would keep the pre-bias product alive until the backward).
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
         // Through the GELU first, from the kept pre-activation.
-        let g = match self.gelu.as_ref().map(|gelu| gelu.pre.get()) {
+        let g = match self.gelu.as_ref().map(|gelu| gelu.pre.as_ref().and_then(OnceLock::get)) {
             None => g.clone(),
             Some(Some(pre)) => pre.apply_op2_no_bwd(&g.contiguous()?, &GeluTanhGrad)?,
             Some(None) => candle_core::bail!("linear-gelu: backward without the kept pre-activation"),
@@ -776,8 +781,8 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `gelu_tanh(linear_bias(x, w, b))` in one op (see [`GeluOut`]).
 pub fn linear_bias_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let keep = [x, w, b].iter().any(|t| t.track_op());
-    match linear_op(x, w, b, Some(GeluOut { keep, pre: OnceLock::new() }))? {
+    let pre = [x, w, b].iter().any(|t| t.track_op()).then(OnceLock::new);
+    match linear_op(x, w, b, Some(GeluOut { pre }))? {
         Some(y) => Ok(y),
         None => gelu_tanh(&linear_bias(x, w, b)?),
     }
@@ -785,7 +790,6 @@ pub fn linear_bias_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// The fused linear on f32 CPU tensors, `None` elsewhere.
 fn linear_op(x: &Tensor, w: &Tensor, b: &Tensor, gelu: Option<GeluOut>) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(f32_cpu(x) && f32_cpu(w) && f32_cpu(b) && x.rank() >= 1 && w.rank() == 2) {
         return Ok(None);
     }
@@ -1008,9 +1012,8 @@ impl CustomOp2 for BatchedMatmul {
 /// candle threads each small product of a batch in turn; here the batch's products are spread
 /// over the threads, one single-threaded product each (1.3-3x faster for attention's shapes).
 pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let fits = a.device().is_cpu()
-        && a.dtype() == DType::F32
-        && b.dtype() == DType::F32
+    let fits = f32_cpu(a)
+        && f32_cpu(b)
         && a.rank() >= 3
         && a.rank() == b.rank()
         && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2];
@@ -1213,7 +1216,6 @@ impl CustomOp3 for FusedAttention {
 /// the CPU in f32 (`None` elsewhere: the caller composes it). q, k, v are [B, H, L, d] (any
 /// strides) or [B, L, H*d] with `heads` heads.
 pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(f32_cpu(q) && f32_cpu(k) && f32_cpu(v)) {
         return Ok(None);
     }
@@ -1328,7 +1330,7 @@ pub struct AdamStep {
 }
 
 fn cpu_f32_contiguous(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
+    f32_cpu(t) && t.is_contiguous()
 }
 
 /// AdamW on one parameter, in place: moments m, v from the gradient g, then p. `Ok(false)`

@@ -45,6 +45,11 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// A parameter with zero moments, each in its own storage.
+    fn new(name: String, var: Var) -> Result<Slot> {
+        Ok(Slot { name, m: var.zeros_like()?, v: var.zeros_like()?, var })
+    }
+
     /// One AdamW update: in place by `kernels::adamw_in_place` (contiguous f32 on the CPU), else
     /// composed from tensor ops (the reference it is tested against).
     fn update(&mut self, g: &Tensor, s: &AdamStep) -> Result<()> {
@@ -75,10 +80,7 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig, vars: Vec<(String, Var)>, total_steps: usize) -> Result<Self> {
-        let slots = vars
-            .into_iter()
-            .map(|(name, var)| Ok(Slot { name, m: var.zeros_like()?, v: var.zeros_like()?, var }))
-            .collect::<Result<Vec<_>>>()?;
+        let slots = vars.into_iter().map(|(name, var)| Slot::new(name, var)).collect::<Result<Vec<_>>>()?;
         Ok(AdamW { cfg, slots, step: 0, total_steps })
     }
 
@@ -268,10 +270,7 @@ mod tests {
         // big enough for several parallel chunks.
         let dev = Device::Cpu;
         let init = Tensor::randn(0f32, 1., (3, 70_001), &dev)?;
-        let slot = || -> Result<Slot> {
-            let var = Var::from_tensor(&init.copy()?)?;
-            Ok(Slot { name: "w".into(), m: var.zeros_like()?, v: var.zeros_like()?, var })
-        };
+        let slot = || Slot::new("w".into(), Var::from_tensor(&init.copy()?)?);
         let (fast, mut composed) = (slot()?, slot()?);
         for t in 1..=3 {
             let g = Tensor::randn(0f32, 1., (3, 70_001), &dev)?;
