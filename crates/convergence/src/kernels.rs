@@ -9,6 +9,7 @@ use candle_core::{
     Tensor, D,
 };
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Rows below this many elements are processed on one thread (spawning costs more).
@@ -114,15 +115,59 @@ fn max8(a: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
 }
 
-/// Applies `f` to chunks of `out` (with the matching chunks of the inputs) in parallel.
-fn par_rows<F>(out: &mut [f32], row: usize, f: F)
+/// A new buffer of `n` floats whose rows (chunks of `row`) `f` writes, in parallel when large.
+/// The buffer is not zeroed on the calling thread first (a serial pass the size of every
+/// activation, ~2 % of a training step): each row is zeroed by the thread that then writes it,
+/// while it sits in that core's L1.
+fn par_rows<F>(n: usize, row: usize, f: F) -> Vec<f32>
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
-    if out.len() >= PAR_MIN {
-        out.par_chunks_mut(row).enumerate().for_each(|(i, o)| f(i, o));
+    let mut out = Vec::with_capacity(n);
+    let work = |(i, o): (usize, &mut [MaybeUninit<f32>])| {
+        o.fill(MaybeUninit::new(0.0));
+        // SAFETY: every element of `o` was just initialised, and f32 has the layout of
+        // MaybeUninit<f32>.
+        f(i, unsafe { &mut *(o as *mut [MaybeUninit<f32>] as *mut [f32]) })
+    };
+    let spare = &mut out.spare_capacity_mut()[..n];
+    if n >= PAR_MIN {
+        spare.par_chunks_mut(row.max(1)).enumerate().for_each(work);
     } else {
-        out.chunks_mut(row).enumerate().for_each(|(i, o)| f(i, o));
+        spare.chunks_mut(row.max(1)).enumerate().for_each(work);
+    }
+    // SAFETY: the rows cover all n elements, and each was initialised above.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// An output buffer of `n` floats for a kernel that writes every element through raw pointers
+/// (gemm without accumulation), so it is not zeroed first on the calling thread.
+struct Fresh(Vec<f32>);
+
+impl Fresh {
+    fn new(n: usize) -> Fresh {
+        Fresh(Vec::with_capacity(n))
+    }
+
+    fn ptr(&mut self) -> *mut f32 {
+        self.0.as_mut_ptr()
+    }
+
+    /// The buffer as a row-major matrix of `cols` columns.
+    fn rows(&mut self, cols: usize) -> Mat {
+        Mat { ptr: self.ptr(), rs: cols as isize, cs: 1 }
+    }
+
+    /// The buffer, once written.
+    ///
+    /// # Safety
+    /// All `n` elements have been written through [`Fresh::ptr`].
+    unsafe fn written(mut self, n: usize) -> Vec<f32> {
+        debug_assert!(n <= self.0.capacity());
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.set_len(n) };
+        self.0
     }
 }
 
@@ -171,8 +216,7 @@ impl CustomOp1 for GeluTanh {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, 4096, |i, o| gelu_rows(&x[i * 4096..], o));
+        let y = par_rows(x.len(), 4096, |i, o| gelu_rows(&x[i * 4096..], o));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -194,8 +238,7 @@ impl CustomOp2 for GeluTanhGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
-        let mut dx = vec![0f32; x.len()];
-        par_rows(&mut dx, 4096, |i, o| gelu_grad_rows(&x[i * 4096..], &g[i * 4096..], o));
+        let dx = par_rows(x.len(), 4096, |i, o| gelu_grad_rows(&x[i * 4096..], &g[i * 4096..], o));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -243,8 +286,10 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let d = l.shape().dims().last().copied().unwrap_or(1);
-        let mut y = x.to_vec();
-        par_rows(&mut y, d, |_, o| softmax_row(o));
+        let y = par_rows(x.len(), d, |i, o| {
+            o.copy_from_slice(&x[i * d..(i + 1) * d]);
+            softmax_row(o)
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -268,8 +313,10 @@ impl CustomOp2 for SoftmaxGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (y, g) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let d = l1.shape().dims().last().copied().unwrap_or(1);
-        let mut dx = g.to_vec();
-        par_rows(&mut dx, d, |i, o| softmax_grad_row(&y[i * d..(i + 1) * d], o));
+        let dx = par_rows(g.len(), d, |i, o| {
+            o.copy_from_slice(&g[i * d..(i + 1) * d]);
+            softmax_grad_row(&y[i * d..(i + 1) * d], o)
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -334,8 +381,7 @@ impl CustomOp1 for LayerNorm {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
         let d = l.shape().dims().last().copied().unwrap_or(1);
-        let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, d, |i, o| layer_norm_row(&x[i * d..(i + 1) * d], o, self.eps));
+        let y = par_rows(x.len(), d, |i, o| layer_norm_row(&x[i * d..(i + 1) * d], o, self.eps));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -358,8 +404,10 @@ impl CustomOp2 for LayerNormGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let d = l1.shape().dims().last().copied().unwrap_or(1);
-        let mut dx = g.to_vec();
-        par_rows(&mut dx, d, |i, o| layer_norm_grad_row(&x[i * d..(i + 1) * d], o, self.eps));
+        let dx = par_rows(g.len(), d, |i, o| {
+            o.copy_from_slice(&g[i * d..(i + 1) * d]);
+            layer_norm_grad_row(&x[i * d..(i + 1) * d], o, self.eps)
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -494,8 +542,7 @@ impl CustomOp3 for Modulate {
     ) -> Result<(CpuStorage, Shape)> {
         let [x, shift, scale] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let (_, l, d) = dims3(l1)?;
-        let mut y = vec![0f32; x.len()];
-        par_rows(&mut y, d, |i, o| {
+        let y = par_rows(x.len(), d, |i, o| {
             modulate_row(&x[i * d..], &shift[i / l * d..], &scale[i / l * d..], o, self.norm)
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -604,8 +651,7 @@ impl CustomOp3 for GatedResidual {
     ) -> Result<(CpuStorage, Shape)> {
         let [x, gate, y] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let (_, l, d) = dims3(l1)?;
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, d, |i, o| gated_row(&x[i * d..], &gate[i / l * d..], &y[i * d..], o));
+        let out = par_rows(x.len(), d, |i, o| gated_row(&x[i * d..], &gate[i / l * d..], &y[i * d..], o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -708,8 +754,7 @@ impl CustomOp3 for LinearBias {
             candle_core::bail!("linear: {:?} x {:?}^T + {:?}", l1.dims(), l2.dims(), l3.dims());
         };
         let (rows, out) = (x.len() / in_dim.max(1), w.rows);
-        let mut y = vec![0f32; rows * out];
-        par_rows(&mut y, out, |_, o| o.copy_from_slice(bias));
+        let mut y = par_rows(rows * out, out, |_, o| o.copy_from_slice(bias));
         // SAFETY: the layouts come from candle and describe elements inside `xs` and `ws`; `y`
         // holds rows x out elements. W^T's element (k, j) is W's (j, k): its strides swap.
         unsafe {
@@ -726,8 +771,7 @@ impl CustomOp3 for LinearBias {
         let Some(gelu) = &self.gelu else {
             return Ok((CpuStorage::F32(y), Shape::from(dims)));
         };
-        let mut act = vec![0f32; y.len()];
-        par_rows(&mut act, 4096, |i, o| gelu_rows(&y[i * 4096..], o));
+        let act = par_rows(y.len(), 4096, |i, o| gelu_rows(&y[i * 4096..], o));
         if let Some(slot) = &gelu.pre {
             let pre = Tensor::from_vec(y, dims.as_slice(), &candle_core::Device::Cpu)?;
             slot.set(pre).map_err(|_| candle_core::Error::Msg("linear-gelu: run twice".into()))?;
@@ -762,9 +806,22 @@ impl CustomOp1 for ColumnSums {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = contiguous_f32(s, l, self.name())?;
-        let (_, d) = l.shape().dims2()?;
+        let (rows, d) = l.shape().dims2()?;
+        let sums_of = |g: &[f32]| {
+            let mut sums = vec![0f32; d];
+            column_sums(g, &mut sums);
+            sums
+        };
+        let threads = rayon::current_num_threads();
+        if g.len() < PAR_MIN || threads == 1 || d == 0 {
+            return Ok((CpuStorage::F32(sums_of(g)), Shape::from(d)));
+        }
+        // One block of rows per thread, then the threads' partial sums added.
+        let partial: Vec<Vec<f32>> = g.par_chunks(rows.div_ceil(threads) * d).map(sums_of).collect();
         let mut sums = vec![0f32; d];
-        column_sums(g, &mut sums);
+        for p in &partial {
+            sums.iter_mut().zip(p).for_each(|(s, v)| *s += v);
+        }
         Ok((CpuStorage::F32(sums), Shape::from(d)))
     }
 }
@@ -975,22 +1032,24 @@ impl CustomOp2 for BatchedMatmul {
             candle_core::bail!("batched-matmul: {:?} x {:?}", l1.dims(), l2.dims());
         }
         let (m, k, p) = (x.rows, x.cols, y.cols);
-        let mut c = vec![0f32; x.n * m * p];
-        let one = |i: usize, c: &mut [f32], threads: usize| {
+        let mut c = Fresh::new(x.n * m * p);
+        let c_rows = c.rows(p);
+        let one = |i: usize, threads: usize| {
             // SAFETY: the operands' layouts come from candle and describe elements inside `a`
-            // and `b`; `c` holds exactly m x p elements.
-            unsafe { matmul((m, p, k), Mat::rows_of(c, p), false, (1.0, x.mat(a, i), y.mat(b, i)), threads) }
+            // and `b`; `c` holds x.n products of m x p elements, the i-th from row i m.
+            unsafe { matmul((m, p, k), c_rows.at(i * m, 0), false, (1.0, x.mat(a, i), y.mat(b, i)), threads) }
         };
         let threads = rayon::current_num_threads();
         if x.n >= threads && m * p * k >= 1 << 12 {
             // Enough matrices to keep every thread busy: one single-threaded product each.
-            c.par_chunks_mut(m * p).enumerate().for_each(|(i, c)| one(i, c, 1));
+            (0..x.n).into_par_iter().for_each(|i| one(i, 1));
         } else {
-            c.chunks_mut(m * p).enumerate().for_each(|(i, c)| one(i, c, threads));
+            (0..x.n).for_each(|i| one(i, threads));
         }
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("rank >= 2") = p;
-        Ok((CpuStorage::F32(c), Shape::from(dims)))
+        // SAFETY: each of the x.n products wrote its m x p block (gemm without accumulation).
+        Ok((CpuStorage::F32(unsafe { c.written(x.n * m * p) }), Shape::from(dims)))
     }
 
     /// dA = dC B^T, dB = A^T dC: the same product on transposed views.
@@ -1071,12 +1130,12 @@ impl Heads {
         Heads { ptr: data.as_ptr().wrapping_add(self.offset).cast_mut(), offset: 0, ..self }
     }
 
-    /// A contiguous buffer of the same heads in `data`: [B, H, L, d] when `rank4`, else [B, L, H*d].
-    fn packed(self, data: &mut [f32], rank4: bool) -> Heads {
-        debug_assert_eq!(data.len(), self.b * self.h * self.l * self.d);
+    /// The same heads in a contiguous buffer of B H L d floats at `data`: [B, H, L, d] when
+    /// `rank4`, else [B, L, H*d].
+    fn packed(self, data: *mut f32, rank4: bool) -> Heads {
         let (h, l, d) = (self.h as isize, self.l as isize, self.d as isize);
         let strides = if rank4 { [h * l * d, l * d, d, 1] } else { [l * h * d, d, h * d, 1] };
-        Heads { ptr: data.as_mut_ptr(), offset: 0, strides, ..self }
+        Heads { ptr: data, offset: 0, strides, ..self }
     }
 
     /// Head `h` of sample `b`, an L x d matrix.
@@ -1140,8 +1199,9 @@ impl CustomOp3 for FusedAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v, scale) = self.shapes(l1, l2, l3)?;
         let (q, k, v) = (q.on(f32_data(s1, "q")?), k.on(f32_data(s2, "k")?), v.on(f32_data(s3, "v")?));
-        let mut data = vec![0f32; q.b * q.l * q.h * v.d];
-        let out = Heads { l: q.l, ..v }.packed(&mut data, false);
+        let n_out = q.b * q.l * q.h * v.d;
+        let mut data = Fresh::new(n_out);
+        let out = Heads { l: q.l, ..v }.packed(data.ptr(), false);
         let rows = query_tile(k.l);
         let tiles = q.l.div_ceil(rows);
         (0..q.b * q.h * tiles).into_par_iter().for_each(|t| {
@@ -1158,7 +1218,8 @@ impl CustomOp3 for FusedAttention {
                 matmul((n, v.d, k.l), out.head(b, h).at(r0, 0), false, (1.0, p, v.head(b, h)), 1);
             }
         });
-        Ok((CpuStorage::F32(data), Shape::from((q.b, q.l, q.h * v.d))))
+        // SAFETY: the tiles cover every query row of every head, each written by gemm.
+        Ok((CpuStorage::F32(unsafe { data.written(n_out) }), Shape::from((q.b, q.l, q.h * v.d))))
     }
 
     /// Per head, tile by tile: P recomputed, dV += P^T dO, dS = softmax'(dO V^T),
@@ -1176,13 +1237,17 @@ impl CustomOp3 for FusedAttention {
             }
         }
         let (qh, kh, vh, scale) = self.shapes(lq, lk, lv)?;
+        if qh.l == 0 {
+            // No query rows: nothing reached the keys and values (and no tile would write them).
+            return Ok((Some(q.zeros_like()?), Some(k.zeros_like()?), Some(v.zeros_like()?)));
+        }
         let go = Heads::of(lg, qh.h, "the output gradient")?.on(cpu(&sg, "the output gradient")?);
         let (qh, kh, vh) = (qh.on(cpu(&sq, "q")?), kh.on(cpu(&sk, "k")?), vh.on(cpu(&sv, "v")?));
         let (mut dq, mut dk, mut dv) =
-            (vec![0f32; q.elem_count()], vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);
-        let dq_h = qh.packed(&mut dq, q.rank() == 4);
-        let dk_h = kh.packed(&mut dk, k.rank() == 4);
-        let dv_h = vh.packed(&mut dv, v.rank() == 4);
+            (Fresh::new(q.elem_count()), Fresh::new(k.elem_count()), Fresh::new(v.elem_count()));
+        let dq_h = qh.packed(dq.ptr(), q.rank() == 4);
+        let dk_h = kh.packed(dk.ptr(), k.rank() == 4);
+        let dv_h = vh.packed(dv.ptr(), v.rank() == 4);
         let rows = query_tile(kh.l);
         (0..qh.b * qh.h).into_par_iter().for_each(|bh| {
             let (b, h) = (bh / qh.h, bh % qh.h);
@@ -1207,7 +1272,11 @@ impl CustomOp3 for FusedAttention {
                 }
             }
         });
-        let grad = |data: Vec<f32>, t: &Tensor| Tensor::from_vec(data, t.shape(), t.device());
+        // SAFETY: every query row's tile wrote its rows of dq, and the first tile of each head
+        // (r0 = 0, without accumulation) wrote all of that head's dk and dv.
+        let grad = |data: Fresh, t: &Tensor| {
+            Tensor::from_vec(unsafe { data.written(t.elem_count()) }, t.shape(), t.device())
+        };
         Ok((Some(grad(dq, q)?), Some(grad(dk, k)?), Some(grad(dv, v)?)))
     }
 }
@@ -1675,20 +1744,21 @@ mod tests {
     #[test]
     fn products_split_over_threads_match_the_plain_matmul() -> Result<()> {
         // Big enough to be cut into blocks (more rows than columns, then the reverse), odd
-        // sizes, three threads; forward and both gradients (dx = g W and dW = g^T x are split too).
+        // sizes, three threads; forward and the gradients (dx = g W and dW = g^T x are split too,
+        // and the bias's column sums of g once g has enough rows).
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a thread pool");
         pool.install(|| -> Result<()> {
             let dev = Device::Cpu;
-            for (m, k, n) in [(131, 67, 70), (37, 101, 150)] {
+            for (m, k, n) in [(131, 67, 70), (37, 101, 150), (400, 67, 90)] {
                 let x = Var::from_tensor(&Tensor::randn(0f32, 1., (m, k), &dev)?)?;
                 let w = Var::from_tensor(&Tensor::randn(0f32, 1., (n, k), &dev)?)?;
-                let b = Tensor::randn(0f32, 1., n, &dev)?;
+                let b = Var::from_tensor(&Tensor::randn(0f32, 1., n, &dev)?)?;
                 let fused = linear_bias(&x, &w, &b)?;
                 let plain = x.matmul(&w.t()?)?.broadcast_add(&b)?;
                 assert!(max_diff(&fused, &plain) < 1e-4, "{m}x{k}x{n}: {}", max_diff(&fused, &plain));
                 let g = Tensor::randn(0f32, 1., (m, n), &dev)?;
                 let (gf, gp) = ((fused * &g)?.sum_all()?.backward()?, (plain * &g)?.sum_all()?.backward()?);
-                for v in [&x, &w] {
+                for v in [&x, &w, &b] {
                     let (a, b) =
                         (gf.get(v.as_tensor()).expect("gradient"), gp.get(v.as_tensor()).expect("gradient"));
                     assert!(max_diff(a, b) < 1e-3, "{m}x{k}x{n}: gradients differ by {}", max_diff(a, b));
