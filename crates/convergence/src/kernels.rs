@@ -124,12 +124,7 @@ where
     F: Fn(usize, &mut [f32]) + Sync,
 {
     let mut out = Vec::with_capacity(n);
-    let work = |(i, o): (usize, &mut [MaybeUninit<f32>])| {
-        o.fill(MaybeUninit::new(0.0));
-        // SAFETY: every element of `o` was just initialised, and f32 has the layout of
-        // MaybeUninit<f32>.
-        f(i, unsafe { &mut *(o as *mut [MaybeUninit<f32>] as *mut [f32]) })
-    };
+    let work = |(i, o): (usize, &mut [MaybeUninit<f32>])| f(i, zeroed(o));
     let spare = &mut out.spare_capacity_mut()[..n];
     if n >= PAR_MIN {
         spare.par_chunks_mut(row.max(1)).enumerate().for_each(work);
@@ -139,6 +134,13 @@ where
     // SAFETY: the rows cover all n elements, and each was initialised above.
     unsafe { out.set_len(n) };
     out
+}
+
+/// `o` zeroed, as floats.
+fn zeroed(o: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    o.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element of `o` was just initialised, and f32 has the layout of MaybeUninit<f32>.
+    unsafe { &mut *(o as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// An output buffer of `n` floats for a kernel that writes every element through raw pointers
@@ -200,12 +202,60 @@ simd_fn! {
     }
 }
 
+/// gelu_tanh'(v), given t = tanh(sqrt(2/pi) (v + a v^3)).
+#[inline(always)]
+fn gelu_slope(v: f32, t: f32) -> f32 {
+    0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * v * v)
+}
+
 simd_fn! {
     fn gelu_grad_rows(x: &[f32], g: &[f32], dx: &mut [f32]) {
         for ((o, &v), &g) in dx.iter_mut().zip(x).zip(g) {
-            let t = fast_tanh(GELU_C * (v + GELU_A * v * v * v));
-            *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * v * v));
+            *o = g * gelu_slope(v, fast_tanh(GELU_C * (v + GELU_A * v * v * v)));
         }
+    }
+}
+
+simd_fn! {
+    /// x replaced by gelu_tanh(x), and `slope` by gelu_tanh'(x): the backward then only multiplies.
+    fn gelu_keeping_slope(x: &mut [f32], slope: &mut [f32]) {
+        for (v, s) in x.iter_mut().zip(slope) {
+            let t = fast_tanh(GELU_C * (*v + GELU_A * *v * *v * *v));
+            *s = gelu_slope(*v, t);
+            *v *= 0.5 * (1.0 + t);
+        }
+    }
+}
+
+simd_fn! {
+    fn product_rows(a: &[f32], b: &[f32], y: &mut [f32]) {
+        for ((o, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *o = a * b;
+        }
+    }
+}
+
+/// The element-wise product, on the threads (candle's runs on the calling thread only).
+struct Product;
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        "product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("product: {:?} x {:?}", l1.dims(), l2.dims());
+        }
+        let y = par_rows(a.len(), 4096, |i, o| product_rows(&a[i * 4096..], &b[i * 4096..], o));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
 
@@ -709,12 +759,13 @@ struct LinearBias {
 }
 struct ColumnSums;
 
-/// GELU-tanh applied to a linear's output inside the same op (an MLP's first layer). The
-/// pre-activation is kept here for the backward, when one will run, rather than being a graph
-/// node whose gradient candle would zero and accumulate (25 MB per DiT-S/2 block at batch 16).
+/// GELU-tanh applied to a linear's output inside the same op (an MLP's first layer). The GELU's
+/// slope at the pre-activation is kept here for the backward, when one will run, rather than the
+/// pre-activation being a graph node whose gradient candle would zero and accumulate (25 MB per
+/// DiT-S/2 block at batch 16); keeping the slope spares the backward a second tanh.
 struct GeluOut {
     /// `None` when no backward will run (nothing tracks gradients): nothing is kept.
-    pre: Option<OnceLock<Tensor>>,
+    slope: Option<OnceLock<Tensor>>,
 }
 
 simd_fn! {
@@ -771,22 +822,29 @@ impl CustomOp3 for LinearBias {
         let Some(gelu) = &self.gelu else {
             return Ok((CpuStorage::F32(y), Shape::from(dims)));
         };
-        let act = par_rows(y.len(), 4096, |i, o| gelu_rows(&y[i * 4096..], o));
-        if let Some(slot) = &gelu.pre {
-            let pre = Tensor::from_vec(y, dims.as_slice(), &candle_core::Device::Cpu)?;
-            slot.set(pre).map_err(|_| candle_core::Error::Msg("linear-gelu: run twice".into()))?;
-        }
-        Ok((CpuStorage::F32(act), Shape::from(dims)))
+        let Some(slot) = &gelu.slope else {
+            let act = par_rows(y.len(), 4096, |i, o| gelu_rows(&y[i * 4096..], o));
+            return Ok((CpuStorage::F32(act), Shape::from(dims)));
+        };
+        let n = y.len();
+        let mut slope = Vec::with_capacity(n);
+        let rows = y.par_chunks_mut(4096).zip(slope.spare_capacity_mut()[..n].par_chunks_mut(4096));
+        rows.for_each(|(y, s)| gelu_keeping_slope(y, zeroed(s)));
+        // SAFETY: the chunks cover all n elements, each initialised by `zeroed`.
+        unsafe { slope.set_len(n) };
+        let slope = Tensor::from_vec(slope, dims.as_slice(), &candle_core::Device::Cpu)?;
+        slot.set(slope).map_err(|_| candle_core::Error::Msg("linear-gelu: run twice".into()))?;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     /// dx = g W, dW = g^T x, db = column sums of g. Only x, W and b stay in the graph (a
     /// separate bias add would keep the pre-bias product alive until the backward).
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
-        // Through the GELU first, from the kept pre-activation.
-        let g = match self.gelu.as_ref().map(|gelu| gelu.pre.as_ref().and_then(OnceLock::get)) {
+        // Through the GELU first, by its kept slope.
+        let g = match self.gelu.as_ref().map(|gelu| gelu.slope.as_ref().and_then(OnceLock::get)) {
             None => g.clone(),
-            Some(Some(pre)) => pre.apply_op2_no_bwd(&g.contiguous()?, &GeluTanhGrad)?,
-            Some(None) => candle_core::bail!("linear-gelu: backward without the kept pre-activation"),
+            Some(Some(slope)) => slope.apply_op2_no_bwd(&g.contiguous()?, &Product)?,
+            Some(None) => candle_core::bail!("linear-gelu: backward without the kept GELU slope"),
         };
         // As matrices [rows, in] and [rows, out]: views, since x and g are contiguous.
         let (in_dim, out) = (w.dim(1)?, w.dim(0)?);
@@ -838,8 +896,8 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `gelu_tanh(linear_bias(x, w, b))` in one op (see [`GeluOut`]).
 pub fn linear_bias_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let pre = [x, w, b].iter().any(|t| t.track_op()).then(OnceLock::new);
-    match linear_op(x, w, b, Some(GeluOut { pre }))? {
+    let slope = [x, w, b].iter().any(|t| t.track_op()).then(OnceLock::new);
+    match linear_op(x, w, b, Some(GeluOut { slope }))? {
         Some(y) => Ok(y),
         None => gelu_tanh(&linear_bias(x, w, b)?),
     }
@@ -1622,7 +1680,7 @@ mod tests {
             |t| linear_bias_gelu(&t[0], &t[1], &t[2]),
             |t| t[0].broadcast_matmul(&t[1].t()?)?.broadcast_add(&t[2])?.gelu(),
         )?;
-        // Without gradients the pre-activation is not kept; the values are the same.
+        // Without gradients the GELU slope is not kept; the values are the same.
         let dev = Device::Cpu;
         let (x, w, b) = (
             Tensor::randn(0f32, 1., (7, 24), &dev)?,
