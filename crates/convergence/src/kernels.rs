@@ -1185,7 +1185,12 @@ impl Heads {
 
     /// These heads inside `data`, the storage their layout describes.
     fn on(self, data: &[f32]) -> Heads {
-        Heads { ptr: data.as_ptr().wrapping_add(self.offset).cast_mut(), offset: 0, ..self }
+        self.at(data.as_ptr().cast_mut())
+    }
+
+    /// These heads in the storage starting at `base`.
+    fn at(self, base: *mut f32) -> Heads {
+        Heads { ptr: base.wrapping_add(self.offset), offset: 0, ..self }
     }
 
     /// The same heads in a contiguous buffer of B H L d floats at `data`: [B, H, L, d] when
@@ -1225,19 +1230,99 @@ struct FusedAttention {
     heads: usize,
 }
 
+/// [`FusedAttention`] over self-attention's q, k and v side by side in one [B, L, 3 H d] tensor,
+/// as one stacked projection writes them: one input, so one gradient for candle to accumulate.
+struct FusedSelfAttention {
+    heads: usize,
+}
+
+/// The logit scale 1/sqrt(d), once q, k and v are checked against each other.
+fn attention_scale(q: &Heads, k: &Heads, v: &Heads) -> Result<f32> {
+    if q.b != k.b || k.b != v.b || q.h != k.h || k.h != v.h || q.d != k.d || k.l != v.l {
+        candle_core::bail!(
+            "attention: q, k, v (batch, heads, length, width) = ({}, {}, {}, {}), ({}, {}, {}, {}), ({}, {}, {}, {}): \
+             batch and heads must agree, q and k widths, k and v lengths",
+            q.b, q.h, q.l, q.d, k.b, k.h, k.l, k.d, v.b, v.h, v.l, v.d
+        );
+    }
+    Ok(1.0 / (q.d as f32).sqrt())
+}
+
+/// softmax(Q K^T scale) V as [B, Lq, H*dv], tile by tile over the threads.
+///
+/// # Safety
+/// The heads describe live f32 data checked by [`attention_scale`].
+unsafe fn attend(q: Heads, k: Heads, v: Heads, scale: f32) -> Vec<f32> {
+    let n_out = q.b * q.l * q.h * v.d;
+    let mut data = Fresh::new(n_out);
+    let out = Heads { l: q.l, ..v }.packed(data.ptr(), false);
+    let rows = query_tile(k.l);
+    let tiles = q.l.div_ceil(rows);
+    (0..q.b * q.h * tiles).into_par_iter().for_each(|t| {
+        let (b, h, r0) = (t / tiles / q.h, t / tiles % q.h, t % tiles * rows);
+        let n = rows.min(q.l - r0);
+        let mut p = vec![0f32; n * k.l];
+        // SAFETY: the heads are live (the caller's promise) or point into `data`; `p` holds n x Lk;
+        // each task writes its own rows of one head of the output.
+        unsafe {
+            let (q_rows, k_t) = (q.head(b, h).at(r0, 0), k.head(b, h).t());
+            matmul((n, k.l, q.d), Mat::rows_of(&mut p, k.l), false, (scale, q_rows, k_t), 1);
+            p.chunks_mut(k.l).for_each(softmax_row);
+            let p = Mat::rows_of(&mut p, k.l);
+            matmul((n, v.d, k.l), out.head(b, h).at(r0, 0), false, (1.0, p, v.head(b, h)), 1);
+        }
+    });
+    // SAFETY: the tiles cover every query row of every head, each written by gemm.
+    unsafe { data.written(n_out) }
+}
+
+/// Per head, tile by tile: P recomputed, dV += P^T dO, dS = softmax'(dO V^T), dQ = scale dS K,
+/// dK += scale dS^T Q, written into `dq`, `dk`, `dv` (all of them, Lq > 0).
+///
+/// # Safety
+/// The heads describe live f32 data checked by [`attention_scale`]; the gradients' heads have
+/// their operands' shapes, in buffers no other thread touches.
+unsafe fn attend_grad(q: Heads, k: Heads, v: Heads, go: Heads, scale: f32, [dq, dk, dv]: [Heads; 3]) {
+    let rows = query_tile(k.l);
+    (0..q.b * q.h).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / q.h, bh % q.h);
+        let (km, vm, dk, dv) = (k.head(b, h), v.head(b, h), dk.head(b, h), dv.head(b, h));
+        let (mut p, mut ds) = (vec![0f32; rows * k.l], vec![0f32; rows * k.l]);
+        for r0 in (0..q.l).step_by(rows) {
+            let n = rows.min(q.l - r0);
+            let (p, ds) = (&mut p[..n * k.l], &mut ds[..n * k.l]);
+            let (q_rows, g_rows, dq_rows) =
+                (q.head(b, h).at(r0, 0), go.head(b, h).at(r0, 0), dq.head(b, h).at(r0, 0));
+            let more = r0 > 0;
+            // SAFETY: the caller's promise; each task owns one head's gradients.
+            unsafe {
+                matmul((n, k.l, q.d), Mat::rows_of(p, k.l), false, (scale, q_rows, km.t()), 1);
+                p.chunks_mut(k.l).for_each(softmax_row);
+                matmul((k.l, v.d, n), dv, more, (1.0, Mat::rows_of(p, k.l).t(), g_rows), 1);
+                matmul((n, k.l, v.d), Mat::rows_of(ds, k.l), false, (1.0, g_rows, vm.t()), 1);
+                p.chunks(k.l).zip(ds.chunks_mut(k.l)).for_each(|(y, g)| softmax_grad_row(y, g));
+                matmul((n, q.d, k.l), dq_rows, false, (scale, Mat::rows_of(ds, k.l), km), 1);
+                matmul((k.l, q.d, n), dk, more, (scale, Mat::rows_of(ds, k.l).t(), q_rows), 1);
+            }
+        }
+    });
+}
+
+/// The CPU f32 data of a tensor's storage.
+fn cpu_f32<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_data(c, what),
+        _ => candle_core::bail!("attention: {what} is not on the CPU"),
+    }
+}
+
 impl FusedAttention {
     /// q, k, v heads and the logit scale 1/sqrt(d).
     fn shapes(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<(Heads, Heads, Heads, f32)> {
         let (q, k, v) =
             (Heads::of(q, self.heads, "q")?, Heads::of(k, self.heads, "k")?, Heads::of(v, self.heads, "v")?);
-        if q.b != k.b || k.b != v.b || q.h != k.h || k.h != v.h || q.d != k.d || k.l != v.l {
-            candle_core::bail!(
-                "attention: q, k, v (batch, heads, length, width) = ({}, {}, {}, {}), ({}, {}, {}, {}), ({}, {}, {}, {}): \
-                 batch and heads must agree, q and k widths, k and v lengths",
-                q.b, q.h, q.l, q.d, k.b, k.h, k.l, k.d, v.b, v.h, v.l, v.d
-            );
-        }
-        Ok((q, k, v, 1.0 / (q.d as f32).sqrt()))
+        let scale = attention_scale(&q, &k, &v)?;
+        Ok((q, k, v, scale))
     }
 }
 
@@ -1257,85 +1342,92 @@ impl CustomOp3 for FusedAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v, scale) = self.shapes(l1, l2, l3)?;
         let (q, k, v) = (q.on(f32_data(s1, "q")?), k.on(f32_data(s2, "k")?), v.on(f32_data(s3, "v")?));
-        let n_out = q.b * q.l * q.h * v.d;
-        let mut data = Fresh::new(n_out);
-        let out = Heads { l: q.l, ..v }.packed(data.ptr(), false);
-        let rows = query_tile(k.l);
-        let tiles = q.l.div_ceil(rows);
-        (0..q.b * q.h * tiles).into_par_iter().for_each(|t| {
-            let (b, h, r0) = (t / tiles / q.h, t / tiles % q.h, t % tiles * rows);
-            let n = rows.min(q.l - r0);
-            let mut p = vec![0f32; n * k.l];
-            // SAFETY: the heads come from candle's layouts (checked by `shapes`) or from `data`;
-            // `p` holds n x Lk; each task writes its own rows of one head of the output.
-            unsafe {
-                let (q_rows, k_t) = (q.head(b, h).at(r0, 0), k.head(b, h).t());
-                matmul((n, k.l, q.d), Mat::rows_of(&mut p, k.l), false, (scale, q_rows, k_t), 1);
-                p.chunks_mut(k.l).for_each(softmax_row);
-                let p = Mat::rows_of(&mut p, k.l);
-                matmul((n, v.d, k.l), out.head(b, h).at(r0, 0), false, (1.0, p, v.head(b, h)), 1);
-            }
-        });
-        // SAFETY: the tiles cover every query row of every head, each written by gemm.
-        Ok((CpuStorage::F32(unsafe { data.written(n_out) }), Shape::from((q.b, q.l, q.h * v.d))))
+        // SAFETY: the heads come from candle's layouts of these storages, checked by `shapes`.
+        let out = unsafe { attend(q, k, v, scale) };
+        Ok((CpuStorage::F32(out), Shape::from((q.b, q.l, q.h * v.d))))
     }
 
-    /// Per head, tile by tile: P recomputed, dV += P^T dO, dS = softmax'(dO V^T),
-    /// dQ = scale dS K, dK += scale dS^T Q. Each gradient comes back in its input's shape.
+    /// Each gradient comes back in its input's shape.
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
         let g = g.contiguous()?;
         let (sq, lq) = q.storage_and_layout();
         let (sk, lk) = k.storage_and_layout();
         let (sv, lv) = v.storage_and_layout();
         let (sg, lg) = g.storage_and_layout();
-        fn cpu<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a [f32]> {
-            match s {
-                candle_core::Storage::Cpu(c) => f32_data(c, what),
-                _ => candle_core::bail!("attention: {what} is not on the CPU"),
-            }
-        }
         let (qh, kh, vh, scale) = self.shapes(lq, lk, lv)?;
         if qh.l == 0 {
             // No query rows: nothing reached the keys and values (and no tile would write them).
             return Ok((Some(q.zeros_like()?), Some(k.zeros_like()?), Some(v.zeros_like()?)));
         }
-        let go = Heads::of(lg, qh.h, "the output gradient")?.on(cpu(&sg, "the output gradient")?);
-        let (qh, kh, vh) = (qh.on(cpu(&sq, "q")?), kh.on(cpu(&sk, "k")?), vh.on(cpu(&sv, "v")?));
+        let go = Heads::of(lg, qh.h, "the output gradient")?.on(cpu_f32(&sg, "the output gradient")?);
+        let (qh, kh, vh) = (qh.on(cpu_f32(&sq, "q")?), kh.on(cpu_f32(&sk, "k")?), vh.on(cpu_f32(&sv, "v")?));
         let (mut dq, mut dk, mut dv) =
             (Fresh::new(q.elem_count()), Fresh::new(k.elem_count()), Fresh::new(v.elem_count()));
-        let dq_h = qh.packed(dq.ptr(), q.rank() == 4);
-        let dk_h = kh.packed(dk.ptr(), k.rank() == 4);
-        let dv_h = vh.packed(dv.ptr(), v.rank() == 4);
-        let rows = query_tile(kh.l);
-        (0..qh.b * qh.h).into_par_iter().for_each(|bh| {
-            let (b, h) = (bh / qh.h, bh % qh.h);
-            let (km, vm, dk, dv) = (kh.head(b, h), vh.head(b, h), dk_h.head(b, h), dv_h.head(b, h));
-            let (mut p, mut ds) = (vec![0f32; rows * kh.l], vec![0f32; rows * kh.l]);
-            for r0 in (0..qh.l).step_by(rows) {
-                let n = rows.min(qh.l - r0);
-                let (p, ds) = (&mut p[..n * kh.l], &mut ds[..n * kh.l]);
-                let (q_rows, g_rows, dq_rows) =
-                    (qh.head(b, h).at(r0, 0), go.head(b, h).at(r0, 0), dq_h.head(b, h).at(r0, 0));
-                let more = r0 > 0;
-                // SAFETY: heads from candle's layouts (checked by `shapes`) or from the gradient
-                // buffers above, in the same shapes; each task owns one head's gradients.
-                unsafe {
-                    matmul((n, kh.l, qh.d), Mat::rows_of(p, kh.l), false, (scale, q_rows, km.t()), 1);
-                    p.chunks_mut(kh.l).for_each(softmax_row);
-                    matmul((kh.l, vh.d, n), dv, more, (1.0, Mat::rows_of(p, kh.l).t(), g_rows), 1);
-                    matmul((n, kh.l, vh.d), Mat::rows_of(ds, kh.l), false, (1.0, g_rows, vm.t()), 1);
-                    p.chunks(kh.l).zip(ds.chunks_mut(kh.l)).for_each(|(y, g)| softmax_grad_row(y, g));
-                    matmul((n, qh.d, kh.l), dq_rows, false, (scale, Mat::rows_of(ds, kh.l), km), 1);
-                    matmul((kh.l, qh.d, n), dk, more, (scale, Mat::rows_of(ds, kh.l).t(), q_rows), 1);
-                }
-            }
-        });
-        // SAFETY: every query row's tile wrote its rows of dq, and the first tile of each head
-        // (r0 = 0, without accumulation) wrote all of that head's dk and dv.
+        let grads = [
+            qh.packed(dq.ptr(), q.rank() == 4),
+            kh.packed(dk.ptr(), k.rank() == 4),
+            vh.packed(dv.ptr(), v.rank() == 4),
+        ];
+        // SAFETY: the heads come from candle's layouts of these storages (checked by `shapes`) or
+        // from the fresh buffers, in the same shapes; Lq > 0, so `attend_grad` writes all of them.
+        unsafe { attend_grad(qh, kh, vh, go, scale, grads) };
         let grad = |data: Fresh, t: &Tensor| {
             Tensor::from_vec(unsafe { data.written(t.elem_count()) }, t.shape(), t.device())
         };
         Ok((Some(grad(dq, q)?), Some(grad(dk, k)?), Some(grad(dv, v)?)))
+    }
+}
+
+impl FusedSelfAttention {
+    /// The q, k and v heads inside a [B, L, 3 H d] layout, and the logit scale.
+    fn parts(&self, l: &Layout) -> Result<([Heads; 3], f32)> {
+        let (_, _, width) = l.shape().dims3()?;
+        if width % 3 != 0 {
+            candle_core::bail!(
+                "self-attention: q, k, v side by side need a width divisible by 3, not {width}"
+            );
+        }
+        let inner = width / 3;
+        let part = |i: usize, what: &str| Heads::of(&l.narrow(2, i * inner, inner)?, self.heads, what);
+        let [q, k, v] = [part(0, "q")?, part(1, "k")?, part(2, "v")?];
+        let scale = attention_scale(&q, &k, &v)?;
+        Ok(([q, k, v], scale))
+    }
+}
+
+impl CustomOp1 for FusedSelfAttention {
+    fn name(&self) -> &'static str {
+        "self-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let ([q, k, v], scale) = self.parts(l)?;
+        let data = f32_data(s, "qkv")?;
+        // SAFETY: the heads come from candle's layout of this storage, checked by `parts`.
+        let out = unsafe { attend(q.on(data), k.on(data), v.on(data), scale) };
+        Ok((CpuStorage::F32(out), Shape::from((q.b, q.l, q.h * v.d))))
+    }
+
+    /// The gradient comes back packed like its input, q, k, v side by side.
+    fn bwd(&self, qkv: &Tensor, _: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        let (s, l) = qkv.storage_and_layout();
+        let (sg, lg) = g.storage_and_layout();
+        let ([q, k, v], scale) = self.parts(l)?;
+        if q.l == 0 {
+            return Ok(Some(qkv.zeros_like()?));
+        }
+        let data = cpu_f32(&s, "qkv")?;
+        let go = Heads::of(lg, q.h, "the output gradient")?.on(cpu_f32(&sg, "the output gradient")?);
+        let mut grad = Fresh::new(qkv.elem_count());
+        // The gradient's heads: the same parts of a contiguous layout of the same shape.
+        let (parts, _) = self.parts(&Layout::contiguous(qkv.shape()))?;
+        let grads = parts.map(|h| h.at(grad.ptr()));
+        // SAFETY: the heads come from candle's layout of this storage (checked by `parts`) or lie
+        // inside `grad`, which has qkv's shape; Lq > 0, so `attend_grad` writes all of it.
+        unsafe { attend_grad(q.on(data), k.on(data), v.on(data), go, scale, grads) };
+        let grad = unsafe { grad.written(qkv.elem_count()) };
+        Ok(Some(Tensor::from_vec(grad, qkv.shape(), qkv.device())?))
     }
 }
 
@@ -1347,6 +1439,14 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
         return Ok(None);
     }
     q.apply_op3(k, v, FusedAttention { heads }).map(Some)
+}
+
+/// [`fused_attention`] over q, k, v side by side in one [B, L, 3 H d] tensor (`heads` heads each).
+pub fn fused_self_attention(qkv: &Tensor, heads: usize) -> Result<Option<Tensor>> {
+    if !f32_cpu(qkv) {
+        return Ok(None);
+    }
+    qkv.apply_op1(FusedSelfAttention { heads }).map(Some)
 }
 
 // The optimiser's element-wise updates, in place and in one pass each (as candle ops, one AdamW
@@ -1795,6 +1895,29 @@ mod tests {
                     "{numeric} vs {analytic}"
                 );
             }
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn self_attention_on_packed_qkv_matches_three_inputs_with_gradients() -> Result<()> {
+        // q, k, v side by side in one [B, L, 3 H d] tensor: the same output as the three parts
+        // given apart, and one gradient that is theirs side by side. Two tiles per head.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a thread pool");
+        pool.install(|| -> Result<()> {
+            let dev = Device::Cpu;
+            let (b, l, h, d) = (2, 300, 3, 8);
+            let qkv = Var::from_tensor(&Tensor::randn(0f32, 1., (b, l, 3 * h * d), &dev)?)?;
+            let part = |i: usize| qkv.narrow(2, i * h * d, h * d);
+            let apart = fused_attention(&part(0)?, &part(1)?, &part(2)?, h)?.expect("the CPU kernel");
+            let packed = fused_self_attention(&qkv, h)?.expect("the CPU kernel");
+            assert!(max_diff(&packed, &apart) < 1e-6, "{}", max_diff(&packed, &apart));
+            let w = Tensor::randn(0f32, 1., (b, l, h * d), &dev)?;
+            let g_apart = (&apart * &w)?.sum_all()?.backward()?;
+            let g_packed = (&packed * &w)?.sum_all()?.backward()?;
+            let (a, p) = (g_apart.get(&qkv).expect("gradient"), g_packed.get(&qkv).expect("gradient"));
+            assert!(max_diff(a, p) < 1e-5, "gradients differ by {}", max_diff(a, p));
+            assert!(fused_self_attention(&Tensor::zeros((1, 4, 10), DType::F32, &dev)?, 1).is_err());
             Ok(())
         })
     }

@@ -5,7 +5,7 @@ use super::capture::{CaptureSite, TokenOrder};
 use super::linear::{linear, Init, Linear};
 use super::norm::rms_norm;
 use super::rope::Rope;
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// [B, L, H*d] -> [B, H, L, d]
@@ -172,6 +172,21 @@ impl QkvProjection {
         Ok(Qkv { q, k, v: self.to_v.forward(context)?, heads: self.heads })
     }
 
+    /// Self-attention's q, k and v side by side, [B, L, 3 H*d], from one product with the three
+    /// weights stacked: x then gets one gradient instead of three, and the attention kernel
+    /// reads the three in place. Only when a backward will run (stacking copies the weights each
+    /// call, which would cost an inference more than it saves), on the CPU in f32, and without
+    /// q/k norm (which acts on q and k apart).
+    fn stacked(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let layers = [&self.to_q, &self.to_k, &self.to_v];
+        let training = x.track_op() || layers.iter().any(|l| l.weight().track_op());
+        let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+        if !training || !f32_cpu || self.qk_norm.is_some() {
+            return Ok(None);
+        }
+        Linear::stacked(&layers)?.forward(x).map(Some)
+    }
+
     /// RMSNorm over each head's d channels of x [B, L, H*d].
     fn head_rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let (b, l, hd) = x.dims3()?;
@@ -219,7 +234,23 @@ impl Attention {
 
     /// Self-attention over x [B, L, D]; `probs` receives the attention probabilities when given.
     pub fn forward(&self, x: &Tensor, probs: Option<&mut Option<Tensor>>) -> Result<Tensor> {
-        self.forward_context(x, x, probs)
+        let Some(qkv) = self.qkv.stacked(x)? else {
+            return self.forward_context(x, x, probs);
+        };
+        let heads = self.qkv.heads;
+        let parts = || -> Result<Qkv> {
+            let inner = qkv.dim(2)? / 3;
+            let part = |i: usize| qkv.narrow(2, i * inner, inner);
+            Ok(Qkv { q: part(0)?, k: part(1)?, v: part(2)?, heads })
+        };
+        if let Some(slot) = probs {
+            *slot = Some(parts()?.probs()?);
+        }
+        let out = match crate::kernels::fused_self_attention(&qkv, heads)? {
+            Some(out) => out,
+            None => composed_sdpa(&parts()?)?,
+        };
+        self.to_out.forward(&out)
     }
 
     /// Queries from x [B, L, D], keys and values from `context` [B, T, context_dim].
@@ -453,6 +484,33 @@ mod tests {
         let causal = Tensor::new(&[[0f32, inf, inf], [0., 0., inf], [0., 0., 0.]], &dev)?;
         let p = flat(&biased_attention_probs(&q, &k, 1.0, Some(&causal))?)?;
         assert_eq!((p[0], p[1], p[2], p[5]), (1.0, 0.0, 0.0, 0.0));
+        Ok(())
+    }
+
+    #[test]
+    fn stacked_self_attention_matches_three_projections_with_gradients() -> Result<()> {
+        // Trainable weights take the stacked path (one product, q/k/v side by side); the same
+        // layer called as cross-attention on x itself takes the three separate projections.
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let attn = Attention::new(vb, 24, 3, 8, true, Init::XavierUniform)?;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (2, 70, 24), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., (2, 70, 24), &dev)?;
+        let (mut p_stacked, mut p_separate) = (None, None);
+        let stacked = attn.forward(&x, Some(&mut p_stacked))?;
+        let separate = attn.forward_context(&x, &x, Some(&mut p_separate))?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        assert!(diff(&stacked, &separate)? < 1e-5, "outputs differ by {}", diff(&stacked, &separate)?);
+        let (p_stacked, p_separate) = (p_stacked.expect("probabilities"), p_separate.expect("probabilities"));
+        assert!(diff(&p_stacked, &p_separate)? < 1e-6);
+        let (gs, gp) = ((stacked * &w)?.sum_all()?.backward()?, (separate * &w)?.sum_all()?.backward()?);
+        let vars = varmap.all_vars();
+        assert!(vars.len() >= 6, "q, k, v weights and biases are trained");
+        for v in vars.iter().chain([&x]) {
+            let (a, b) = (gs.get(v.as_tensor()).expect("gradient"), gp.get(v.as_tensor()).expect("gradient"));
+            assert!(diff(a, b)? < 1e-4, "gradients of {:?} differ by {}", v.dims(), diff(a, b)?);
+        }
         Ok(())
     }
 

@@ -23,6 +23,18 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// The layers as one, their weights (and biases) stacked along the output axis: one product
+    /// writes all their outputs side by side.
+    pub fn stacked(layers: &[&Linear]) -> Result<Linear> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+        if biases.is_none() && layers.iter().any(|l| l.bias.is_some()) {
+            candle_core::bail!("stacking linear layers: some have a bias and some do not");
+        }
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        Ok(Linear { weight: Tensor::cat(&weights, 0)?, bias })
+    }
+
     /// Forward FLOPs over `rows` rows as torch's FlopCounterMode counts them (a multiply-add is 2,
     /// the bias is free).
     pub fn flops(&self, rows: usize) -> u64 {
