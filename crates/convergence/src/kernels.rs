@@ -755,17 +755,26 @@ pub fn composed_gated_residual(x: &Tensor, gate: &Tensor, branch: &Tensor) -> Re
 }
 
 struct LinearBias {
-    gelu: Option<GeluOut>,
+    then: Option<Then>,
 }
 struct ColumnSums;
 
-/// GELU-tanh applied to a linear's output inside the same op (an MLP's first layer). The GELU's
-/// slope at the pre-activation is kept here for the backward, when one will run, rather than the
-/// pre-activation being a graph node whose gradient candle would zero and accumulate (25 MB per
-/// DiT-S/2 block at batch 16); keeping the slope spares the backward a second tanh.
-struct GeluOut {
-    /// `None` when no backward will run (nothing tracks gradients): nothing is kept.
-    slope: Option<OnceLock<Tensor>>,
+/// What runs on a linear's output inside the same op, so that output is never a graph node
+/// whose gradient candle would zero and accumulate (25 MB per DiT-S/2 block at batch 16 for the
+/// MLP's hidden layer, 18 MB for self-attention's q, k, v).
+struct Then {
+    op: ThenOp,
+    /// What the backward needs, kept here by the forward; `None` when no backward will run
+    /// (nothing tracks gradients), and then nothing is kept.
+    kept: Option<OnceLock<Tensor>>,
+}
+
+enum ThenOp {
+    /// GELU-tanh (an MLP's first layer). Keeps the GELU's slope, so the backward only multiplies.
+    Gelu,
+    /// Self-attention over the output read as q, k, v side by side (the three projections
+    /// stacked into one). Keeps q, k, v; the backward recomputes the probabilities from them.
+    SelfAttention { heads: usize },
 }
 
 simd_fn! {
@@ -819,32 +828,53 @@ impl CustomOp3 for LinearBias {
         };
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = out;
-        let Some(gelu) = &self.gelu else {
+        let Some(then) = &self.then else {
             return Ok((CpuStorage::F32(y), Shape::from(dims)));
         };
-        let Some(slot) = &gelu.slope else {
-            let act = par_rows(y.len(), 4096, |i, o| gelu_rows(&y[i * 4096..], o));
-            return Ok((CpuStorage::F32(act), Shape::from(dims)));
+        let (out, out_dims, kept) = match then.op {
+            ThenOp::Gelu if then.kept.is_none() => {
+                (par_rows(y.len(), 4096, |i, o| gelu_rows(&y[i * 4096..], o)), dims.clone(), None)
+            }
+            ThenOp::Gelu => {
+                let n = y.len();
+                let mut slope = Vec::with_capacity(n);
+                let rows = y.par_chunks_mut(4096).zip(slope.spare_capacity_mut()[..n].par_chunks_mut(4096));
+                rows.for_each(|(y, s)| gelu_keeping_slope(y, zeroed(s)));
+                // SAFETY: the chunks cover all n elements, each initialised by `zeroed`.
+                unsafe { slope.set_len(n) };
+                (y, dims.clone(), Some(slope))
+            }
+            ThenOp::SelfAttention { heads } => {
+                let ([q, k, v], scale) = self_attention_heads(&Layout::contiguous(dims.as_slice()), heads)?;
+                // SAFETY: the heads describe y, whose layout is the contiguous one they came from.
+                let out = unsafe { attend(q.on(&y), k.on(&y), v.on(&y), scale) };
+                (out, vec![q.b, q.l, q.h * v.d], then.kept.is_some().then_some(y))
+            }
         };
-        let n = y.len();
-        let mut slope = Vec::with_capacity(n);
-        let rows = y.par_chunks_mut(4096).zip(slope.spare_capacity_mut()[..n].par_chunks_mut(4096));
-        rows.for_each(|(y, s)| gelu_keeping_slope(y, zeroed(s)));
-        // SAFETY: the chunks cover all n elements, each initialised by `zeroed`.
-        unsafe { slope.set_len(n) };
-        let slope = Tensor::from_vec(slope, dims.as_slice(), &candle_core::Device::Cpu)?;
-        slot.set(slope).map_err(|_| candle_core::Error::Msg("linear-gelu: run twice".into()))?;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        if let (Some(slot), Some(kept)) = (&then.kept, kept) {
+            let kept = Tensor::from_vec(kept, dims.as_slice(), &candle_core::Device::Cpu)?;
+            slot.set(kept).map_err(|_| candle_core::Error::Msg("linear: one op run twice".into()))?;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 
     /// dx = g W, dW = g^T x, db = column sums of g. Only x, W and b stay in the graph (a
     /// separate bias add would keep the pre-bias product alive until the backward).
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
-        // Through the GELU first, by its kept slope.
-        let g = match self.gelu.as_ref().map(|gelu| gelu.slope.as_ref().and_then(OnceLock::get)) {
+        // Back through what ran on the output first, from what the forward kept.
+        let g = match &self.then {
             None => g.clone(),
-            Some(Some(slope)) => slope.apply_op2_no_bwd(&g.contiguous()?, &Product)?,
-            Some(None) => candle_core::bail!("linear-gelu: backward without the kept GELU slope"),
+            Some(then) => {
+                let Some(kept) = then.kept.as_ref().and_then(OnceLock::get) else {
+                    candle_core::bail!("linear: backward without what the forward kept for it");
+                };
+                match then.op {
+                    ThenOp::Gelu => kept.apply_op2_no_bwd(&g.contiguous()?, &Product)?,
+                    ThenOp::SelfAttention { heads } => {
+                        kept.apply_op2_no_bwd(&g.contiguous()?, &SelfAttentionGrad { heads })?
+                    }
+                }
+            }
         };
         // As matrices [rows, in] and [rows, out]: views, since x and g are contiguous.
         let (in_dim, out) = (w.dim(1)?, w.dim(0)?);
@@ -894,21 +924,31 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `gelu_tanh(linear_bias(x, w, b))` in one op (see [`GeluOut`]).
+/// `gelu_tanh(linear_bias(x, w, b))` in one op (see [`Then`]).
 pub fn linear_bias_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let slope = [x, w, b].iter().any(|t| t.track_op()).then(OnceLock::new);
-    match linear_op(x, w, b, Some(GeluOut { slope }))? {
+    match linear_op(x, w, b, Some(ThenOp::Gelu))? {
         Some(y) => Ok(y),
         None => gelu_tanh(&linear_bias(x, w, b)?),
     }
 }
 
+/// Self-attention over `linear_bias(x, w, b)` [B, L, 3 H d] read as q, k, v side by side
+/// (`heads` heads each) -> [B, L, H d], in one op on the CPU in f32 (see [`Then`]); `None`
+/// elsewhere.
+pub fn linear_self_attention(x: &Tensor, w: &Tensor, b: &Tensor, heads: usize) -> Result<Option<Tensor>> {
+    if x.rank() != 3 {
+        candle_core::bail!("self-attention: x is {:?}, expected [B, L, D]", x.dims());
+    }
+    linear_op(x, w, b, Some(ThenOp::SelfAttention { heads }))
+}
+
 /// The fused linear on f32 CPU tensors, `None` elsewhere.
-fn linear_op(x: &Tensor, w: &Tensor, b: &Tensor, gelu: Option<GeluOut>) -> Result<Option<Tensor>> {
+fn linear_op(x: &Tensor, w: &Tensor, b: &Tensor, then: Option<ThenOp>) -> Result<Option<Tensor>> {
     if !(f32_cpu(x) && f32_cpu(w) && f32_cpu(b) && x.rank() >= 1 && w.rank() == 2) {
         return Ok(None);
     }
-    x.contiguous()?.apply_op3(w, &b.contiguous()?, LinearBias { gelu }).map(Some)
+    let then = then.map(|op| Then { op, kept: [x, w, b].iter().any(|t| t.track_op()).then(OnceLock::new) });
+    x.contiguous()?.apply_op3(w, &b.contiguous()?, LinearBias { then }).map(Some)
 }
 
 /// x W^T over the last axis of x [..., in]: the leading axes flattened into one matrix product,
@@ -1230,9 +1270,9 @@ struct FusedAttention {
     heads: usize,
 }
 
-/// [`FusedAttention`] over self-attention's q, k and v side by side in one [B, L, 3 H d] tensor,
-/// as one stacked projection writes them: one input, so one gradient for candle to accumulate.
-struct FusedSelfAttention {
+/// The gradient of self-attention over q, k, v side by side in one [B, L, 3 H d] tensor (see
+/// [`ThenOp::SelfAttention`]), given the tensor and the output gradient; packed like the tensor.
+struct SelfAttentionGrad {
     heads: usize,
 }
 
@@ -1378,56 +1418,47 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-impl FusedSelfAttention {
-    /// The q, k and v heads inside a [B, L, 3 H d] layout, and the logit scale.
-    fn parts(&self, l: &Layout) -> Result<([Heads; 3], f32)> {
-        let (_, _, width) = l.shape().dims3()?;
-        if width % 3 != 0 {
-            candle_core::bail!(
-                "self-attention: q, k, v side by side need a width divisible by 3, not {width}"
-            );
-        }
-        let inner = width / 3;
-        let part = |i: usize, what: &str| Heads::of(&l.narrow(2, i * inner, inner)?, self.heads, what);
-        let [q, k, v] = [part(0, "q")?, part(1, "k")?, part(2, "v")?];
-        let scale = attention_scale(&q, &k, &v)?;
-        Ok(([q, k, v], scale))
+/// The q, k and v heads inside a [B, L, 3 H d] layout, and the logit scale.
+fn self_attention_heads(l: &Layout, heads: usize) -> Result<([Heads; 3], f32)> {
+    let (_, _, width) = l.shape().dims3()?;
+    if width % 3 != 0 {
+        candle_core::bail!("self-attention: q, k, v side by side need a width divisible by 3, not {width}");
     }
+    let inner = width / 3;
+    let part = |i: usize, what: &str| Heads::of(&l.narrow(2, i * inner, inner)?, heads, what);
+    let [q, k, v] = [part(0, "q")?, part(1, "k")?, part(2, "v")?];
+    let scale = attention_scale(&q, &k, &v)?;
+    Ok(([q, k, v], scale))
 }
 
-impl CustomOp1 for FusedSelfAttention {
+impl CustomOp2 for SelfAttentionGrad {
     fn name(&self) -> &'static str {
-        "self-attention"
+        "self-attention-grad"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let ([q, k, v], scale) = self.parts(l)?;
-        let data = f32_data(s, "qkv")?;
-        // SAFETY: the heads come from candle's layout of this storage, checked by `parts`.
-        let out = unsafe { attend(q.on(data), k.on(data), v.on(data), scale) };
-        Ok((CpuStorage::F32(out), Shape::from((q.b, q.l, q.h * v.d))))
-    }
-
-    /// The gradient comes back packed like its input, q, k, v side by side.
-    fn bwd(&self, qkv: &Tensor, _: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let g = g.contiguous()?;
-        let (s, l) = qkv.storage_and_layout();
-        let (sg, lg) = g.storage_and_layout();
-        let ([q, k, v], scale) = self.parts(l)?;
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ([q, k, v], scale) = self_attention_heads(l1, self.heads)?;
+        let n = l1.shape().elem_count();
         if q.l == 0 {
-            return Ok(Some(qkv.zeros_like()?));
+            return Ok((CpuStorage::F32(vec![0.0; n]), l1.shape().clone()));
         }
-        let data = cpu_f32(&s, "qkv")?;
-        let go = Heads::of(lg, q.h, "the output gradient")?.on(cpu_f32(&sg, "the output gradient")?);
-        let mut grad = Fresh::new(qkv.elem_count());
+        let data = f32_data(s1, "qkv")?;
+        let go = Heads::of(l2, q.h, "the output gradient")?.on(f32_data(s2, "the output gradient")?);
+        let mut grad = Fresh::new(n);
         // The gradient's heads: the same parts of a contiguous layout of the same shape.
-        let (parts, _) = self.parts(&Layout::contiguous(qkv.shape()))?;
+        let (parts, _) = self_attention_heads(&Layout::contiguous(l1.shape()), self.heads)?;
         let grads = parts.map(|h| h.at(grad.ptr()));
-        // SAFETY: the heads come from candle's layout of this storage (checked by `parts`) or lie
-        // inside `grad`, which has qkv's shape; Lq > 0, so `attend_grad` writes all of it.
+        // SAFETY: the heads come from candle's layouts of these storages (checked by
+        // `self_attention_heads`) or lie inside `grad`, of qkv's shape; Lq > 0, so `attend_grad`
+        // writes all of it.
         unsafe { attend_grad(q.on(data), k.on(data), v.on(data), go, scale, grads) };
-        let grad = unsafe { grad.written(qkv.elem_count()) };
-        Ok(Some(Tensor::from_vec(grad, qkv.shape(), qkv.device())?))
+        Ok((CpuStorage::F32(unsafe { grad.written(n) }), l1.shape().clone()))
     }
 }
 
@@ -1439,14 +1470,6 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
         return Ok(None);
     }
     q.apply_op3(k, v, FusedAttention { heads }).map(Some)
-}
-
-/// [`fused_attention`] over q, k, v side by side in one [B, L, 3 H d] tensor (`heads` heads each).
-pub fn fused_self_attention(qkv: &Tensor, heads: usize) -> Result<Option<Tensor>> {
-    if !f32_cpu(qkv) {
-        return Ok(None);
-    }
-    qkv.apply_op1(FusedSelfAttention { heads }).map(Some)
 }
 
 // The optimiser's element-wise updates, in place and in one pass each (as candle ops, one AdamW
@@ -1900,24 +1923,38 @@ mod tests {
     }
 
     #[test]
-    fn self_attention_on_packed_qkv_matches_three_inputs_with_gradients() -> Result<()> {
-        // q, k, v side by side in one [B, L, 3 H d] tensor: the same output as the three parts
-        // given apart, and one gradient that is theirs side by side. Two tiles per head.
+    fn linear_then_self_attention_matches_the_composition_with_gradients() -> Result<()> {
+        // One op: x W^T + b read as q, k, v side by side, then attention (two tiles per head).
+        // Against the linear and the three-input attention kernel on the parts: the output and
+        // the gradients of x, W and b.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a thread pool");
         pool.install(|| -> Result<()> {
             let dev = Device::Cpu;
-            let (b, l, h, d) = (2, 300, 3, 8);
-            let qkv = Var::from_tensor(&Tensor::randn(0f32, 1., (b, l, 3 * h * d), &dev)?)?;
+            let (b, l, dim, h, d) = (2, 300, 20, 3, 8);
+            let var = |s: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1., s, &dev)?);
+            let (x, w, bias) = (var(&[b, l, dim])?, var(&[3 * h * d, dim])?, var(&[3 * h * d])?);
+            let fused = linear_self_attention(&x, &w, &bias, h)?.expect("the CPU kernel");
+            let qkv = linear_bias(&x, &w, &bias)?;
             let part = |i: usize| qkv.narrow(2, i * h * d, h * d);
             let apart = fused_attention(&part(0)?, &part(1)?, &part(2)?, h)?.expect("the CPU kernel");
-            let packed = fused_self_attention(&qkv, h)?.expect("the CPU kernel");
-            assert!(max_diff(&packed, &apart) < 1e-6, "{}", max_diff(&packed, &apart));
-            let w = Tensor::randn(0f32, 1., (b, l, h * d), &dev)?;
-            let g_apart = (&apart * &w)?.sum_all()?.backward()?;
-            let g_packed = (&packed * &w)?.sum_all()?.backward()?;
-            let (a, p) = (g_apart.get(&qkv).expect("gradient"), g_packed.get(&qkv).expect("gradient"));
-            assert!(max_diff(a, p) < 1e-5, "gradients differ by {}", max_diff(a, p));
-            assert!(fused_self_attention(&Tensor::zeros((1, 4, 10), DType::F32, &dev)?, 1).is_err());
+            assert!(max_diff(&fused, &apart) < 1e-5, "{}", max_diff(&fused, &apart));
+            let g = Tensor::randn(0f32, 1., (b, l, h * d), &dev)?;
+            let (gf, ga) = ((&fused * &g)?.sum_all()?.backward()?, (&apart * &g)?.sum_all()?.backward()?);
+            for (v, what) in [(&x, "x"), (&w, "W"), (&bias, "b")] {
+                let (a, r) = (gf.get(v).expect("gradient"), ga.get(v).expect("gradient"));
+                assert!(max_diff(a, r) < 1e-4, "d{what} differs by {}", max_diff(a, r));
+            }
+            // Without gradients nothing is kept; the values are the same.
+            let plain = linear_self_attention(x.as_tensor(), w.as_tensor(), bias.as_tensor(), h)?;
+            assert!(max_diff(&plain.expect("the CPU kernel"), &fused) < 1e-6);
+            let odd = Tensor::zeros((1, 4, 10), DType::F32, &dev)?;
+            assert!(linear_self_attention(
+                &odd,
+                &Tensor::zeros((10, 10), DType::F32, &dev)?,
+                &odd.get(0)?.get(0)?,
+                1
+            )
+            .is_err());
             Ok(())
         })
     }

@@ -454,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn saved_model_loads_back_with_identical_outputs() -> Result<()> {
+    fn saved_model_loads_back_with_the_same_outputs() -> Result<()> {
         let cfg = tiny(TextConditioning::CrossAttention);
         let (model, vm) = fresh(&cfg)?;
         perturb(&vm)?;
@@ -487,7 +487,10 @@ mod tests {
         let out = loaded.forward_io(&io)?.remove("output.sample").expect("output.sample");
         let want = run(&model, &inp)?;
         assert!(max_abs(&want)? > 0.0);
-        assert_eq!(out.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?);
+        // Not bit for bit: the fresh model's weights are trainable, so its self-attention takes
+        // the training path (q, k, v from one stacked product), whose sums round differently.
+        let diff = max_abs(&(&out - &want)?)?;
+        assert!(diff < 1e-5, "loaded model differs by {diff}");
         Ok(())
     }
 }

@@ -172,19 +172,29 @@ impl QkvProjection {
         Ok(Qkv { q, k, v: self.to_v.forward(context)?, heads: self.heads })
     }
 
-    /// Self-attention's q, k and v side by side, [B, L, 3 H*d], from one product with the three
-    /// weights stacked: x then gets one gradient instead of three, and the attention kernel
-    /// reads the three in place. Only when a backward will run (stacking copies the weights each
+    /// Self-attention over x from one product with the three weights stacked, q, k, v side by
+    /// side, and the attention in the same op: neither x nor q, k, v gets more than one gradient
+    /// for candle to accumulate. Only when a backward will run (stacking copies the weights each
     /// call, which would cost an inference more than it saves), on the CPU in f32, and without
-    /// q/k norm (which acts on q and k apart).
-    fn stacked(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// q/k norm (which acts on q and k apart); `None` otherwise.
+    fn stacked_attention(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let layers = [&self.to_q, &self.to_k, &self.to_v];
         let training = x.track_op() || layers.iter().any(|l| l.weight().track_op());
         let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
         if !training || !f32_cpu || self.qk_norm.is_some() {
             return Ok(None);
         }
-        Linear::stacked(&layers)?.forward(x).map(Some)
+        let stacked = Linear::stacked(&layers)?;
+        let w = stacked.weight();
+        let zero;
+        let b = match stacked.bias() {
+            Some(b) => b,
+            None => {
+                zero = Tensor::zeros(w.dim(0)?, DType::F32, w.device())?;
+                &zero
+            }
+        };
+        crate::kernels::linear_self_attention(x, w, b, self.heads)
     }
 
     /// RMSNorm over each head's d channels of x [B, L, H*d].
@@ -234,23 +244,12 @@ impl Attention {
 
     /// Self-attention over x [B, L, D]; `probs` receives the attention probabilities when given.
     pub fn forward(&self, x: &Tensor, probs: Option<&mut Option<Tensor>>) -> Result<Tensor> {
-        let Some(qkv) = self.qkv.stacked(x)? else {
-            return self.forward_context(x, x, probs);
-        };
-        let heads = self.qkv.heads;
-        let parts = || -> Result<Qkv> {
-            let inner = qkv.dim(2)? / 3;
-            let part = |i: usize| qkv.narrow(2, i * inner, inner);
-            Ok(Qkv { q: part(0)?, k: part(1)?, v: part(2)?, heads })
-        };
-        if let Some(slot) = probs {
-            *slot = Some(parts()?.probs()?);
+        if probs.is_none() {
+            if let Some(out) = self.qkv.stacked_attention(x)? {
+                return self.to_out.forward(&out);
+            }
         }
-        let out = match crate::kernels::fused_self_attention(&qkv, heads)? {
-            Some(out) => out,
-            None => composed_sdpa(&parts()?)?,
-        };
-        self.to_out.forward(&out)
+        self.forward_context(x, x, probs)
     }
 
     /// Queries from x [B, L, D], keys and values from `context` [B, T, context_dim].
@@ -489,27 +488,28 @@ mod tests {
 
     #[test]
     fn stacked_self_attention_matches_three_projections_with_gradients() -> Result<()> {
-        // Trainable weights take the stacked path (one product, q/k/v side by side); the same
-        // layer called as cross-attention on x itself takes the three separate projections.
+        // Trainable weights take the stacked path (one op: the product with q/k/v side by side,
+        // then the attention); the same layer called as cross-attention on x itself takes the
+        // three separate projections. With biases (DiT) and without (the SD UNet).
         let dev = Device::Cpu;
-        let varmap = candle_nn::VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        let attn = Attention::new(vb, 24, 3, 8, true, Init::XavierUniform)?;
-        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (2, 70, 24), &dev)?)?;
-        let w = Tensor::randn(0f32, 1., (2, 70, 24), &dev)?;
-        let (mut p_stacked, mut p_separate) = (None, None);
-        let stacked = attn.forward(&x, Some(&mut p_stacked))?;
-        let separate = attn.forward_context(&x, &x, Some(&mut p_separate))?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
-        assert!(diff(&stacked, &separate)? < 1e-5, "outputs differ by {}", diff(&stacked, &separate)?);
-        let (p_stacked, p_separate) = (p_stacked.expect("probabilities"), p_separate.expect("probabilities"));
-        assert!(diff(&p_stacked, &p_separate)? < 1e-6);
-        let (gs, gp) = ((stacked * &w)?.sum_all()?.backward()?, (separate * &w)?.sum_all()?.backward()?);
-        let vars = varmap.all_vars();
-        assert!(vars.len() >= 6, "q, k, v weights and biases are trained");
-        for v in vars.iter().chain([&x]) {
-            let (a, b) = (gs.get(v.as_tensor()).expect("gradient"), gp.get(v.as_tensor()).expect("gradient"));
-            assert!(diff(a, b)? < 1e-4, "gradients of {:?} differ by {}", v.dims(), diff(a, b)?);
+        for bias in [true, false] {
+            let varmap = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let attn = Attention::new(vb, 24, 3, 8, bias, Init::XavierUniform)?;
+            let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (2, 70, 24), &dev)?)?;
+            let w = Tensor::randn(0f32, 1., (2, 70, 24), &dev)?;
+            let stacked = attn.forward(&x, None)?;
+            let separate = attn.forward_context(&x, &x, None)?;
+            assert!(diff(&stacked, &separate)? < 1e-5, "outputs differ by {}", diff(&stacked, &separate)?);
+            let (gs, gp) = ((stacked * &w)?.sum_all()?.backward()?, (separate * &w)?.sum_all()?.backward()?);
+            let vars = varmap.all_vars();
+            assert_eq!(vars.len(), if bias { 8 } else { 5 }, "q, k, v, out weights (and biases) are trained");
+            for v in vars.iter().chain([&x]) {
+                let (a, b) =
+                    (gs.get(v.as_tensor()).expect("gradient"), gp.get(v.as_tensor()).expect("gradient"));
+                assert!(diff(a, b)? < 1e-4, "gradients of {:?} differ by {}", v.dims(), diff(a, b)?);
+            }
         }
         Ok(())
     }
