@@ -997,8 +997,9 @@ impl Mat {
 /// dst (m x n) = scale a (m x k) b (k x n), or dst += scale a b when `accumulate`, on `threads`
 /// threads.
 ///
-/// The product is cut along its longer output side into two blocks per thread, each one
-/// single-threaded gemm call that packs its own share, so the threads only meet at the end of
+/// The product is cut along its longer output side into two blocks per thread (four where that
+/// costs nothing, see below), each one single-threaded gemm call that packs its own share, so
+/// the threads only meet at the end of
 /// the product. gemm's own threading (`Parallelism::Rayon`) ran the DiT shapes 10-40 % slower on
 /// two cores (the `linear-*` benchmarks, docs/PERFORMANCE.md).
 ///
@@ -1043,15 +1044,18 @@ unsafe fn matmul(
     if threads <= 1 || m * n * k < 1 << 19 {
         return one((m, n), dst, a, b);
     }
-    let blocks = 2 * threads;
     if m >= n {
+        // Row blocks share b. Where gemm reads b in place (unit stride along k, as the W^T of a
+        // linear layer, and at most 2048 rows a block) more blocks cost only a call each and
+        // even out the threads when one is slowed; where it packs b, each block packs it again.
+        let blocks = if b.rs == 1 && m <= 4 * threads * 2048 { 4 * threads } else { 2 * threads };
         let rows = m.div_ceil(blocks).next_multiple_of(8);
         (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
             let r0 = i * rows;
             one((rows.min(m - r0), n), dst.at(r0, 0), a.at(r0, 0), b)
         });
     } else {
-        let cols = n.div_ceil(blocks).next_multiple_of(16);
+        let cols = n.div_ceil(2 * threads).next_multiple_of(16);
         (0..n.div_ceil(cols)).into_par_iter().for_each(|j| {
             let c0 = j * cols;
             one((m, cols.min(n - c0)), dst.at(0, c0), a, b.at(0, c0))
