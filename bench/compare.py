@@ -91,7 +91,7 @@ def main():
         )
         rounds = [[run(cmd, a.threads) for cmd in sides] for _ in range(max(a.rounds, 1))]
         (ours, our_err), (theirs, their_err) = (combine([r[i] for r in rounds]) for i in (0, 1))
-        ratio = f"{theirs['median_s'] / ours['median_s']:.2f}x" if ours and theirs else "-"
+        ratio = f"{theirs['median_s'] / ours['median_s']:.3f}x" if ours and theirs else "-"
         cells = [
             w,
             a.dtype,
