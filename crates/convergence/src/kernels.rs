@@ -164,7 +164,7 @@ impl Fresh {
     /// The buffer, once written.
     ///
     /// # Safety
-    /// All `n` elements have been written through [`Fresh::ptr`].
+    /// All `n` elements have been written through [`Fresh::ptr`] or [`Fresh::rows`].
     unsafe fn written(mut self, n: usize) -> Vec<f32> {
         debug_assert!(n <= self.0.capacity());
         // SAFETY: forwarded from the caller.
