@@ -813,7 +813,8 @@ impl CustomOp3 for LinearBias {
         let Some(w) = Operand::of(l2).filter(|w| w.n == 1 && w.cols == in_dim && w.rows == bias.len()) else {
             candle_core::bail!("linear: {:?} x {:?}^T + {:?}", l1.dims(), l2.dims(), l3.dims());
         };
-        let (rows, out) = (x.len() / in_dim.max(1), w.rows);
+        // The leading axes' product, not len / in_dim: x may have no input features at all.
+        let (rows, out) = (l1.dims().iter().rev().skip(1).product::<usize>(), w.rows);
         let mut y = par_rows(rows * out, out, |_, o| o.copy_from_slice(bias));
         // SAFETY: the layouts come from candle and describe elements inside `xs` and `ws`; `y`
         // holds rows x out elements. W^T's element (k, j) is W's (j, k): its strides swap.
@@ -878,7 +879,7 @@ impl CustomOp3 for LinearBias {
         };
         // As matrices [rows, in] and [rows, out]: views, since x and g are contiguous.
         let (in_dim, out) = (w.dim(1)?, w.dim(0)?);
-        let (rows, x_dims) = (x.elem_count() / in_dim.max(1), x.dims());
+        let (rows, x_dims) = (x.dims().iter().rev().skip(1).product::<usize>(), x.dims());
         let (x, g) = (x.reshape((rows, in_dim))?, g.contiguous()?.reshape((rows, out))?);
         let dx = g.apply_op2_no_bwd(&walkable(w)?, &BatchedMatmul)?;
         let dw = walkable(&g.t()?)?.apply_op2_no_bwd(&x, &BatchedMatmul)?;
@@ -957,7 +958,7 @@ fn linear_op(x: &Tensor, w: &Tensor, b: &Tensor, then: Option<ThenOp>) -> Result
 pub fn flat_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
     let mut dims = x.dims().to_vec();
-    let rows = x.elem_count() / in_dim.max(1);
+    let rows = x.dims().iter().rev().skip(1).product::<usize>();
     if let Some(last) = dims.last_mut() {
         *last = out_dim;
     }
@@ -1090,12 +1091,13 @@ impl Operand {
         if r < 2 {
             return None;
         }
-        // Axes of size 1 never move the index, whatever their (arbitrary) stride.
+        // Axes of size 1 never move the index, whatever their (arbitrary) stride; one of size 0
+        // must stay, so the batch counts no matrices.
         let lead: Vec<(usize, usize)> = dims[..r - 2]
             .iter()
             .copied()
             .zip(strides[..r - 2].iter().copied())
-            .filter(|&(d, _)| d > 1)
+            .filter(|&(d, _)| d != 1)
             .collect();
         let mergeable = lead.windows(2).all(|w| w[0].1 == w[1].1 * w[1].0);
         mergeable.then(|| Operand {
@@ -1298,6 +1300,10 @@ fn attention_scale(q: &Heads, k: &Heads, v: &Heads) -> Result<f32> {
 /// The heads describe live f32 data checked by [`attention_scale`].
 unsafe fn attend(q: Heads, k: Heads, v: Heads, scale: f32) -> Vec<f32> {
     let n_out = q.b * q.l * q.h * v.d;
+    if k.l == 0 {
+        // No keys: every weighted sum is empty (the composition's P V is zero too).
+        return vec![0.0; n_out];
+    }
     let mut data = Fresh::new(n_out);
     let out = Heads { l: q.l, ..v }.packed(data.ptr(), false);
     let rows = query_tile(k.l);
@@ -1321,7 +1327,7 @@ unsafe fn attend(q: Heads, k: Heads, v: Heads, scale: f32) -> Vec<f32> {
 }
 
 /// Per head, tile by tile: P recomputed, dV += P^T dO, dS = softmax'(dO V^T), dQ = scale dS K,
-/// dK += scale dS^T Q, written into `dq`, `dk`, `dv` (all of them, Lq > 0).
+/// dK += scale dS^T Q, written into `dq`, `dk`, `dv` (all of them, Lq > 0 and Lk > 0).
 ///
 /// # Safety
 /// The heads describe live f32 data checked by [`attention_scale`]; the gradients' heads have
@@ -1350,6 +1356,21 @@ unsafe fn attend_grad(q: Heads, k: Heads, v: Heads, go: Heads, scale: f32, [dq, 
             }
         }
     });
+}
+
+/// The output gradient's heads, checked against the output's shape [B, Lq, H*dv].
+fn output_grad_heads(l: &Layout, q: &Heads, v: &Heads) -> Result<Heads> {
+    let go = Heads::of(l, q.h, "the output gradient")?;
+    if go.b != q.b || go.l != q.l || go.d != v.d {
+        candle_core::bail!(
+            "attention: the output gradient is {:?}, expected [{}, {}, {}]",
+            l.dims(),
+            q.b,
+            q.l,
+            q.h * v.d
+        );
+    }
+    Ok(go)
 }
 
 /// The CPU f32 data of a tensor's storage.
@@ -1399,11 +1420,12 @@ impl CustomOp3 for FusedAttention {
         let (sv, lv) = v.storage_and_layout();
         let (sg, lg) = g.storage_and_layout();
         let (qh, kh, vh, scale) = self.shapes(lq, lk, lv)?;
-        if qh.l == 0 {
-            // No query rows: nothing reached the keys and values (and no tile would write them).
+        if qh.l == 0 || kh.l == 0 {
+            // No query rows or no keys: the output did not depend on q, k or v (and no tile
+            // would write their gradients).
             return Ok((Some(q.zeros_like()?), Some(k.zeros_like()?), Some(v.zeros_like()?)));
         }
-        let go = Heads::of(lg, qh.h, "the output gradient")?.on(cpu_f32(&sg, "the output gradient")?);
+        let go = output_grad_heads(lg, &qh, &vh)?.on(cpu_f32(&sg, "the output gradient")?);
         let (qh, kh, vh) = (qh.on(cpu_f32(&sq, "q")?), kh.on(cpu_f32(&sk, "k")?), vh.on(cpu_f32(&sv, "v")?));
         let (mut dq, mut dk, mut dv) =
             (Fresh::new(q.elem_count()), Fresh::new(k.elem_count()), Fresh::new(v.elem_count()));
@@ -1453,7 +1475,7 @@ impl CustomOp2 for SelfAttentionGrad {
             return Ok((CpuStorage::F32(vec![0.0; n]), l1.shape().clone()));
         }
         let data = f32_data(s1, "qkv")?;
-        let go = Heads::of(l2, q.h, "the output gradient")?.on(f32_data(s2, "the output gradient")?);
+        let go = output_grad_heads(l2, &q, &v)?.on(f32_data(s2, "the output gradient")?);
         let mut grad = Fresh::new(n);
         // The gradient's heads: the same parts of a contiguous layout of the same shape.
         let (parts, _) = self_attention_heads(&Layout::contiguous(l1.shape()), self.heads)?;
@@ -1961,6 +1983,29 @@ mod tests {
             .is_err());
             Ok(())
         })
+    }
+
+    #[test]
+    fn empty_axes_give_empty_or_zero_results() -> Result<()> {
+        let dev = Device::Cpu;
+        let zeros = |s: &[usize]| Tensor::zeros(s, DType::F32, &dev);
+        let randn = |s: &[usize]| Tensor::randn(0f32, 1., s, &dev);
+        // No input features: x W^T + b is b on every row.
+        let b = randn(&[6])?;
+        let y = linear_bias(&zeros(&[1, 4, 0])?, &zeros(&[6, 0])?, &b)?;
+        assert_eq!(y.dims(), [1, 4, 6]);
+        assert_eq!(max_diff(&y, &b.broadcast_as((1, 4, 6))?), 0.0);
+        // No matrices in the batch.
+        let c = batched_matmul(&zeros(&[0, 3, 4])?, &zeros(&[0, 4, 5])?)?;
+        assert_eq!((c.dims(), c.elem_count()), (&[0, 3, 5][..], 0));
+        // No keys: the weighted sums are empty, and nothing flows back.
+        let q = Var::from_tensor(&randn(&[1, 5, 8])?)?;
+        let (k, v) = (zeros(&[1, 0, 8])?, zeros(&[1, 0, 8])?);
+        let out = fused_attention(&q, &k, &v, 2)?.expect("the CPU kernel");
+        assert_eq!((out.dims(), out.abs()?.sum_all()?.to_scalar::<f32>()?), (&[1, 5, 8][..], 0.0));
+        let g = out.sum_all()?.backward()?;
+        assert_eq!(g.get(&q).expect("gradient").abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
     }
 
     #[test]
