@@ -174,7 +174,7 @@ impl Fresh {
 }
 
 /// Whether the f32 CPU kernels apply to `t`.
-fn f32_cpu(t: &Tensor) -> bool {
+pub(crate) fn f32_cpu(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
@@ -1663,6 +1663,15 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
+    /// The largest difference between two backward passes' gradients of `v`.
+    fn grad_diff(
+        a: &candle_core::backprop::GradStore,
+        b: &candle_core::backprop::GradStore,
+        v: &Tensor,
+    ) -> f32 {
+        max_diff(a.get(v).expect("gradient"), b.get(v).expect("gradient"))
+    }
+
     #[test]
     fn fast_exp_and_tanh_are_accurate() {
         for i in -2000..2000 {
@@ -1780,10 +1789,9 @@ mod tests {
         let w = Tensor::randn(0f32, 1., a.dims(), &dev)?;
         let (ga, gb) = ((a * &w)?.sum_all()?.backward()?, (b * &w)?.sum_all()?.backward()?);
         for (k, v) in vars.iter().enumerate() {
-            let (x, y) =
-                (ga.get(v.as_tensor()).expect("fused gradient"), gb.get(v.as_tensor()).expect("gradient"));
-            assert_eq!(x.dims(), v.dims(), "input {k}");
-            assert!(max_diff(x, y) < 1e-4, "input {k}: gradients differ by {}", max_diff(x, y));
+            assert_eq!(ga.get(v.as_tensor()).expect("fused gradient").dims(), v.dims(), "input {k}");
+            let d = grad_diff(&ga, &gb, v.as_tensor());
+            assert!(d < 1e-4, "input {k}: gradients differ by {d}");
         }
         // The gradient at the second input's first element, by central differences.
         let loss = |h: f32| -> Result<f32> {
@@ -1905,11 +1913,8 @@ mod tests {
                 assert!(max_diff(&out, &reference) < 1e-5, "{name}: {}", max_diff(&out, &reference));
                 let g = (&out * &w)?.sum_all()?.backward()?;
                 for (x, what) in [(&q, "q"), (&k, "k"), (&v, "v")] {
-                    let (a, r) = (
-                        g.get(x.as_tensor()).expect("gradient"),
-                        g_ref.get(x.as_tensor()).expect("gradient"),
-                    );
-                    assert!(max_diff(a, r) < 1e-4, "{name}: d{what} differs by {}", max_diff(a, r));
+                    let d = grad_diff(&g, &g_ref, x.as_tensor());
+                    assert!(d < 1e-4, "{name}: d{what} differs by {d}");
                 }
             }
             // A finite difference on one query and one key element, through the fused kernel.
@@ -1967,8 +1972,8 @@ mod tests {
             let g = Tensor::randn(0f32, 1., (b, l, h * d), &dev)?;
             let (gf, ga) = ((&fused * &g)?.sum_all()?.backward()?, (&apart * &g)?.sum_all()?.backward()?);
             for (v, what) in [(&x, "x"), (&w, "W"), (&bias, "b")] {
-                let (a, r) = (gf.get(v).expect("gradient"), ga.get(v).expect("gradient"));
-                assert!(max_diff(a, r) < 1e-4, "d{what} differs by {}", max_diff(a, r));
+                let d = grad_diff(&gf, &ga, v);
+                assert!(d < 1e-4, "d{what} differs by {d}");
             }
             // Without gradients nothing is kept; the values are the same.
             let plain = linear_self_attention(x.as_tensor(), w.as_tensor(), bias.as_tensor(), h)?;
@@ -2026,9 +2031,8 @@ mod tests {
                 let g = Tensor::randn(0f32, 1., (m, n), &dev)?;
                 let (gf, gp) = ((fused * &g)?.sum_all()?.backward()?, (plain * &g)?.sum_all()?.backward()?);
                 for v in [&x, &w, &b] {
-                    let (a, b) =
-                        (gf.get(v.as_tensor()).expect("gradient"), gp.get(v.as_tensor()).expect("gradient"));
-                    assert!(max_diff(a, b) < 1e-3, "{m}x{k}x{n}: gradients differ by {}", max_diff(a, b));
+                    let d = grad_diff(&gf, &gp, v.as_tensor());
+                    assert!(d < 1e-3, "{m}x{k}x{n}: gradients differ by {d}");
                 }
             }
             Ok(())

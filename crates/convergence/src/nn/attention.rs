@@ -180,12 +180,13 @@ impl QkvProjection {
     fn stacked_attention(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let layers = [&self.to_q, &self.to_k, &self.to_v];
         let training = x.track_op() || layers.iter().any(|l| l.weight().track_op());
-        let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
-        if !training || !f32_cpu || self.qk_norm.is_some() {
+        if !training || !crate::kernels::f32_cpu(x) || self.qk_norm.is_some() {
             return Ok(None);
         }
         let stacked = Linear::stacked(&layers)?;
         let w = stacked.weight();
+        // The fused op takes a bias; a zero one (the SD UNet's projections have none) costs only
+        // a column sum in the backward.
         let zero;
         let b = match stacked.bias() {
             Some(b) => b,
