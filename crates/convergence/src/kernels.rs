@@ -817,36 +817,18 @@ impl CustomOp3 for LinearBias {
             candle_core::bail!("linear: {:?} x {:?}^T + {:?}", l1.dims(), l2.dims(), l3.dims());
         };
         // The leading axes' product, not len / in_dim: x may have no input features at all.
-        let (rows, out) = (l1.dims().iter().rev().skip(1).product::<usize>(), w.rows);
-        let mut y = par_rows(rows * out, out, |_, o| o.copy_from_slice(bias));
-        // SAFETY: the layouts come from candle and describe elements inside `xs` and `ws`; `y`
-        // holds rows x out elements. W^T's element (k, j) is W's (j, k): its strides swap.
-        unsafe {
-            matmul(
-                (rows, out, in_dim),
-                Mat::rows_of(&mut y, out),
-                true,
-                (1.0, Mat { ptr: x.as_ptr().cast_mut(), rs: in_dim as isize, cs: 1 }, w.mat(ws, 0).t()),
-                rayon::current_num_threads(),
-            )
-        };
+        let rows = l1.dims().iter().rev().skip(1).product::<usize>();
+        // SAFETY: the layout comes from candle and describes W's elements inside `ws`.
+        let y = unsafe { linear_rows(x, (rows, in_dim), w.mat(ws, 0), bias) };
         let mut dims = l1.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = out;
+        *dims.last_mut().expect("rank >= 1") = w.rows;
         let Some(then) = &self.then else {
             return Ok((CpuStorage::F32(y), Shape::from(dims)));
         };
         let (out, out_dims, kept) = match then.op {
-            ThenOp::Gelu if then.kept.is_none() => {
-                (par_rows(y.len(), 4096, |i, o| gelu_rows(&y[i * 4096..], o)), dims.clone(), None)
-            }
             ThenOp::Gelu => {
-                let n = y.len();
-                let mut slope = Vec::with_capacity(n);
-                let rows = y.par_chunks_mut(4096).zip(slope.spare_capacity_mut()[..n].par_chunks_mut(4096));
-                rows.for_each(|(y, s)| gelu_keeping_slope(y, zeroed(s)));
-                // SAFETY: the chunks cover all n elements, each initialised by `zeroed`.
-                unsafe { slope.set_len(n) };
-                (y, dims.clone(), Some(slope))
+                let (y, slope) = gelu_epilogue(y, then.kept.is_some());
+                (y, dims.clone(), slope)
             }
             ThenOp::SelfAttention { heads } => {
                 let ([q, k, v], scale) = self_attention_heads(&Layout::contiguous(dims.as_slice()), heads)?;
@@ -880,15 +862,149 @@ impl CustomOp3 for LinearBias {
                 }
             }
         };
-        // As matrices [rows, in] and [rows, out]: views, since x and g are contiguous.
-        let (in_dim, out) = (w.dim(1)?, w.dim(0)?);
-        let (rows, x_dims) = (x.dims().iter().rev().skip(1).product::<usize>(), x.dims());
-        let (x, g) = (x.reshape((rows, in_dim))?, g.contiguous()?.reshape((rows, out))?);
-        let dx = g.apply_op2_no_bwd(&walkable(w)?, &BatchedMatmul)?;
-        let dw = walkable(&g.t()?)?.apply_op2_no_bwd(&x, &BatchedMatmul)?;
-        let db = g.apply_op1_no_bwd(&ColumnSums)?;
-        Ok((Some(dx.reshape(x_dims)?), Some(dw), Some(db)))
+        let (dx, dw, db) = linear_grads(x, w, &g)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// rows x out = x (rows x in) W^T + b, on the threads: every row of y starts as b and gemm
+/// accumulates the product onto it.
+///
+/// # Safety
+/// `w` describes W [out, in] (out = b's length) inside live f32 data; x holds rows x in floats.
+unsafe fn linear_rows(x: &[f32], (rows, in_dim): (usize, usize), w: Mat, bias: &[f32]) -> Vec<f32> {
+    let out = bias.len();
+    let mut y = par_rows(rows * out, out, |_, o| o.copy_from_slice(bias));
+    // SAFETY: the caller's promise for x and W; `y` holds rows x out elements. W^T's element
+    // (k, j) is W's (j, k): its strides swap.
+    unsafe {
+        matmul(
+            (rows, out, in_dim),
+            Mat::rows_of(&mut y, out),
+            true,
+            (1.0, Mat { ptr: x.as_ptr().cast_mut(), rs: in_dim as isize, cs: 1 }, w.t()),
+            rayon::current_num_threads(),
+        )
+    };
+    y
+}
+
+/// gelu_tanh of y, and its slope where a backward will want it (computed in place then).
+fn gelu_epilogue(mut y: Vec<f32>, keep_slope: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    if !keep_slope {
+        return (par_rows(y.len(), 4096, |i, o| gelu_rows(&y[i * 4096..], o)), None);
+    }
+    let n = y.len();
+    let mut slope = Vec::with_capacity(n);
+    let rows = y.par_chunks_mut(4096).zip(slope.spare_capacity_mut()[..n].par_chunks_mut(4096));
+    rows.for_each(|(y, s)| gelu_keeping_slope(y, zeroed(s)));
+    // SAFETY: the chunks cover all n elements, each initialised by `zeroed`.
+    unsafe { slope.set_len(n) };
+    (y, Some(slope))
+}
+
+/// A linear layer's gradients from its output's: dx = g W, dW = g^T x, db = g's column sums.
+fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    // As matrices [rows, in] and [rows, out]: views, since x and g are contiguous.
+    let (in_dim, out) = (w.dim(1)?, w.dim(0)?);
+    let (rows, x_dims) = (x.dims().iter().rev().skip(1).product::<usize>(), x.dims());
+    let (x, g) = (x.contiguous()?.reshape((rows, in_dim))?, g.contiguous()?.reshape((rows, out))?);
+    let dx = g.apply_op2_no_bwd(&walkable(w)?, &BatchedMatmul)?;
+    let dw = walkable(&g.t()?)?.apply_op2_no_bwd(&x, &BatchedMatmul)?;
+    let db = g.apply_op1_no_bwd(&ColumnSums)?;
+    Ok((dx.reshape(x_dims)?, dw, db))
+}
+
+/// A transformer MLP, gelu_tanh(x W1^T + b1) W2^T + b2, as one op over x [..., in] and its
+/// parameters flat, w = [W1 (hidden x in) | W2 (out x hidden)] and b = [b1 | b2] (candle's custom
+/// ops take three inputs). The hidden layer, four times the width, is then no graph node: candle
+/// would zero and add its gradient on the calling thread (25 MB per DiT-S/2 block at batch 16).
+struct Mlp {
+    hidden: usize,
+    /// The GELU's output and slope, kept by the forward where a backward will run.
+    kept: Option<OnceLock<[Tensor; 2]>>,
+}
+
+impl Mlp {
+    /// (rows, in, out) of the op over these layouts, checked.
+    fn shapes(&self, x: &Layout, w: &Layout, b: &Layout) -> Result<(usize, usize, usize)> {
+        let in_dim = x.dims().last().copied().unwrap_or(0);
+        let (h, nb) = (self.hidden, b.shape().elem_count());
+        let out = nb.saturating_sub(h);
+        if x.dims().is_empty() || nb <= h || w.shape().elem_count() != h * in_dim + out * h {
+            candle_core::bail!(
+                "mlp: x {:?}, flat weights {:?} and biases {:?} do not fit a hidden width of {h}",
+                x.dims(),
+                w.dims(),
+                b.dims()
+            );
+        }
+        Ok((x.dims().iter().rev().skip(1).product::<usize>(), in_dim, out))
+    }
+}
+
+impl CustomOp3 for Mlp {
+    fn name(&self) -> &'static str {
+        "mlp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, in_dim, out) = self.shapes(l1, l2, l3)?;
+        let [x, w, b] = [(s1, l1), (s2, l2), (s3, l3)].map(|(s, l)| contiguous_f32(s, l, self.name()));
+        let (x, w, b) = (x?, w?, b?);
+        let h = self.hidden;
+        let (w1, w2) = w.split_at(h * in_dim);
+        let (b1, b2) = b.split_at(h);
+        let mat = |w: &[f32], cols: usize| Mat { ptr: w.as_ptr().cast_mut(), rs: cols as isize, cs: 1 };
+        // SAFETY: `shapes` checked that w holds W1 (h x in) then W2 (out x h), x rows x in.
+        let hidden = unsafe { linear_rows(x, (rows, in_dim), mat(w1, in_dim), b1) };
+        let (a, slope) = gelu_epilogue(hidden, self.kept.is_some());
+        // SAFETY: as above; `a` holds rows x h floats.
+        let y = unsafe { linear_rows(&a, (rows, h), mat(w2, h), b2) };
+        if let (Some(slot), Some(slope)) = (&self.kept, slope) {
+            let cpu = &candle_core::Device::Cpu;
+            let kept = [Tensor::from_vec(a, (rows, h), cpu)?, Tensor::from_vec(slope, (rows, h), cpu)?];
+            slot.set(kept).map_err(|_| candle_core::Error::Msg("mlp: one op run twice".into()))?;
+        }
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    /// Back through the second linear, the GELU (a product with the kept slope) and the first.
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
+        let Some([a, slope]) = self.kept.as_ref().and_then(OnceLock::get) else {
+            candle_core::bail!("mlp: backward without what the forward kept for it");
+        };
+        let (_, in_dim, out) = self.shapes(x.layout(), w.layout(), b.layout())?;
+        let h = self.hidden;
+        let w1 = w.narrow(0, 0, h * in_dim)?.reshape((h, in_dim))?;
+        let w2 = w.narrow(0, h * in_dim, out * h)?.reshape((out, h))?;
+        let (da, dw2, db2) = linear_grads(a, &w2, g)?;
+        let dh = slope.apply_op2_no_bwd(&da, &Product)?;
+        let (dx, dw1, db1) = linear_grads(x, &w1, &dh)?;
+        let dw = Tensor::cat(&[dw1.flatten_all()?, dw2.flatten_all()?], 0)?;
+        Ok((Some(dx), Some(dw), Some(Tensor::cat(&[db1, db2], 0)?)))
+    }
+}
+
+/// `gelu_tanh(x W1^T + b1) W2^T + b2` in one op on the CPU in f32 (`None` elsewhere), with the
+/// parameters flat: `w` = [W1 (hidden x in) | W2 (out x hidden)], `b` = [b1 | b2] (see [`Mlp`]).
+pub fn mlp_gelu(x: &Tensor, w: &Tensor, b: &Tensor, hidden: usize) -> Result<Option<Tensor>> {
+    if !(f32_cpu(x) && f32_cpu(w) && f32_cpu(b)) {
+        return Ok(None);
+    }
+    let kept = [x, w, b].iter().any(|t| t.track_op()).then(OnceLock::new);
+    let (w, b) = (w.flatten_all()?.contiguous()?, b.flatten_all()?.contiguous()?);
+    x.contiguous()?.apply_op3(&w, &b, Mlp { hidden, kept }).map(Some)
 }
 
 impl CustomOp1 for ColumnSums {
@@ -1849,6 +1965,36 @@ mod tests {
         );
         let plain = x.matmul(&w.t()?)?.broadcast_add(&b)?.gelu()?;
         assert!(max_diff(&linear_bias_gelu(&x, &w, &b)?, &plain) < 1e-5);
+        Ok(())
+    }
+
+    /// The MLP op on its parameters [x, W1, b1, W2, b2], gathered flat as it takes them.
+    fn fused_mlp(t: &[Tensor]) -> Result<Tensor> {
+        let w = Tensor::cat(&[t[1].flatten_all()?, t[3].flatten_all()?], 0)?;
+        let b = Tensor::cat(&[&t[2], &t[4]], 0)?;
+        Ok(mlp_gelu(&t[0], &w, &b, t[1].dim(0)?)?.expect("f32 on the CPU"))
+    }
+
+    #[test]
+    fn mlp_matches_the_composition_with_gradients() -> Result<()> {
+        // Values and the gradients of x and of all four parameters (through the flat gathering).
+        check_against_composition(&[&[3, 50, 24], &[40, 24], &[40], &[16, 40], &[16]], fused_mlp, |t| {
+            let h = t[0].broadcast_matmul(&t[1].t()?)?.broadcast_add(&t[2])?.gelu()?;
+            h.broadcast_matmul(&t[3].t()?)?.broadcast_add(&t[4])
+        })?;
+        // Without gradients nothing is kept; the values are the same.
+        let dev = Device::Cpu;
+        let t: Vec<Tensor> = [&[7usize, 24][..], &[40, 24], &[40], &[16, 40], &[16]]
+            .iter()
+            .map(|s| Tensor::randn(0f32, 1., *s, &dev))
+            .collect::<Result<_>>()?;
+        let plain = linear_bias(&linear_bias_gelu(&t[0], &t[1], &t[2])?, &t[3], &t[4])?;
+        assert!(max_diff(&fused_mlp(&t)?, &plain) < 1e-5);
+        // A hidden width that does not fit the flat parameters is an error, not a misread.
+        let (w, b) =
+            (Tensor::zeros(40 * 24 + 16 * 40, DType::F32, &dev)?, Tensor::zeros(56, DType::F32, &dev)?);
+        assert!(mlp_gelu(&t[0], &w, &b, 39).is_err());
+        assert!(mlp_gelu(&t[0], &w, &b, 40)?.is_some());
         Ok(())
     }
 

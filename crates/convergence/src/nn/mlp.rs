@@ -38,8 +38,30 @@ impl FeedForward {
     }
 }
 
+impl FeedForward {
+    /// Both linears and the GELU as one op, while training on the CPU in f32: the hidden layer is
+    /// then no graph node (see `kernels::mlp_gelu`). Not for inference, where gathering the
+    /// parameters into one flat tensor would copy them on every call for nothing in return.
+    fn fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (lin, lout) = (&self.proj_in, &self.proj_out);
+        let training = x.track_op() || lin.weight().track_op() || lout.weight().track_op();
+        let (Some(b1), Some(b2)) = (lin.bias(), lout.bias()) else {
+            return Ok(None);
+        };
+        if self.gated || !training || !crate::kernels::f32_cpu(x) {
+            return Ok(None);
+        }
+        let w = Tensor::cat(&[lin.weight().flatten_all()?, lout.weight().flatten_all()?], 0)?;
+        let b = Tensor::cat(&[b1, b2], 0)?;
+        crate::kernels::mlp_gelu(x, &w, &b, lin.weight().dim(0)?)
+    }
+}
+
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.fused(x)? {
+            return Ok(y);
+        }
         let h = if self.gated {
             let h = self.proj_in.forward(x)?;
             let half = h.dim(D::Minus1)? / 2;
@@ -48,5 +70,39 @@ impl Module for FeedForward {
             self.proj_in.forward_gelu(x)?
         };
         self.proj_out.forward(&h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn training_takes_the_fused_op_with_the_same_values_and_gradients() -> Result<()> {
+        // Trainable weights: the MLP runs as one op. Against its two linears called in turn.
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let ff = FeedForward::new(vb, 24, 96, 24, Init::Default)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 30, 24), &dev)?)?;
+        assert!(ff.fused(&x)?.is_some(), "a trainable MLP on the CPU takes the fused op");
+        let fused = ff.forward(&x)?;
+        let plain = ff.proj_out.forward(&ff.proj_in.forward_gelu(&x)?)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        assert!(diff(&fused, &plain)? < 1e-5, "outputs differ by {}", diff(&fused, &plain)?);
+        let w = Tensor::randn(0f32, 1., fused.dims(), &dev)?;
+        let (gf, gp) = ((fused * &w)?.sum_all()?.backward()?, (plain * &w)?.sum_all()?.backward()?);
+        let vars = varmap.all_vars();
+        assert_eq!(vars.len(), 4, "two weights, two biases");
+        for v in vars.iter().chain([&x]) {
+            let (a, b) = (gf.get(v.as_tensor()).expect("gradient"), gp.get(v.as_tensor()).expect("gradient"));
+            assert!(diff(a, b)? < 1e-4, "gradients of {:?} differ by {}", v.dims(), diff(a, b)?);
+        }
+        // Inference (nothing tracked) keeps the two linears.
+        let frozen = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach));
+        let ff = FeedForward { proj_in: frozen(&ff.proj_in), proj_out: frozen(&ff.proj_out), gated: false };
+        assert!(ff.fused(&x.as_tensor().detach())?.is_none());
+        Ok(())
     }
 }
