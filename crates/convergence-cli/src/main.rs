@@ -91,7 +91,20 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let result = match cli.command {
+    // The whole command runs on one of the kernel threads rather than on a third thread that
+    // hands every parallel op to them and sleeps until it is done: on two cores the step's
+    // serial parts (candle's graph walk and gradient sums) then run beside one idle worker, not
+    // beside two spinning ones, and no op waits for the main thread to be woken (DiT-S/2
+    // training step 2-4 % faster, 7 of 8 alternated pairs). A large stack: candle walks the
+    // backward graph recursively, and a worker's default stack is 2 MiB.
+    let pool = match rayon::ThreadPoolBuilder::new().stack_size(64 << 20).build() {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("error: cannot start the worker threads: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = pool.install(|| match cli.command {
         Command::Generate(a) => generate::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Study(s) => study::run(s),
@@ -101,7 +114,7 @@ fn main() {
         Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Attention(a) => attention::run(a),
-    };
+    });
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
