@@ -12,6 +12,8 @@ mod study;
 mod train;
 
 use clap::{Parser, Subcommand};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 /// Every tensor op allocates its output. By default glibc maps and unmaps each buffer over
 /// 128 KiB, paying page faults and page zeroing on every op; keeping buffers up to 32 MiB in the
@@ -92,11 +94,11 @@ fn main() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     // The whole command runs on one of the kernel threads rather than on a third thread that
-    // hands every parallel op to them and sleeps until it is done: on two cores the step's
-    // serial parts (candle's graph walk and gradient sums) then run beside one idle worker, not
-    // beside two spinning ones, and no op waits for the main thread to be woken (DiT-S/2
-    // training step 2-4 % faster, 7 of 8 alternated pairs). A large stack: candle walks the
-    // backward graph recursively, and a worker's default stack is 2 MiB.
+    // hands every parallel op to them and sleeps until it is done: as many busy threads as
+    // cores, and no op waits for the main thread to be woken (DiT-S/2 training step 2-4 %
+    // faster, 7 of 8 alternated pairs); the other threads keep awake beside it (`keep_awake`).
+    // A large stack: candle walks the backward graph recursively, and a worker's default stack
+    // is 2 MiB.
     let pool = match rayon::ThreadPoolBuilder::new().stack_size(64 << 20).build() {
         Ok(pool) => pool,
         Err(e) => {
@@ -104,7 +106,49 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let result = pool.install(|| match cli.command {
+    let done = AtomicBool::new(false);
+    let run = || {
+        let r = run_command(cli.command);
+        done.store(true, Ordering::Release);
+        r
+    };
+    let (result, ()) = pool.install(|| {
+        let here = rayon::current_thread_index();
+        rayon::join(run, || keep_awake(&done, here))
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs on the second kernel thread while the command runs on the first: takes the command's
+/// parallel work as soon as it is there, and spins (for up to `SPIN`) between pieces instead of
+/// going to sleep. On this project's 2-vCPU virtual machine a sleeping worker's core is handed
+/// back to the host, and waking it again took long enough in busy minutes to cost the training
+/// step 10-20 % (it waits at every parallel op after a serial stretch); OpenMP runtimes spin the
+/// same way (KMP_BLOCKTIME). After `SPIN` without work (loading a model, writing images) it naps
+/// in short steps rather than burn the core. A no-op on the command's own thread (a thread
+/// waiting inside the command may pick this job up; it must not spin there until the end).
+fn keep_awake(done: &AtomicBool, command_thread: Option<usize>) {
+    const SPIN: Duration = Duration::from_millis(50);
+    if rayon::current_thread_index() == command_thread {
+        return;
+    }
+    let mut last_work = Instant::now();
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            last_work = Instant::now();
+        } else if last_work.elapsed() < SPIN {
+            std::hint::spin_loop();
+        } else {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Generate(a) => generate::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Study(s) => study::run(s),
@@ -114,9 +158,5 @@ fn main() {
         Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Attention(a) => attention::run(a),
-    });
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }
