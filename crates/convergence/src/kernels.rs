@@ -882,7 +882,7 @@ unsafe fn linear_rows(x: &[f32], (rows, in_dim): (usize, usize), w: Mat, bias: &
             (rows, out, in_dim),
             Mat::rows_of(&mut y, out),
             true,
-            (1.0, Mat { ptr: x.as_ptr().cast_mut(), rs: in_dim as isize, cs: 1 }, w.t()),
+            (1.0, Mat::rows_in(x, in_dim), w.t()),
             rayon::current_num_threads(),
         )
     };
@@ -963,12 +963,11 @@ impl CustomOp3 for Mlp {
         let h = self.hidden;
         let (w1, w2) = w.split_at(h * in_dim);
         let (b1, b2) = b.split_at(h);
-        let mat = |w: &[f32], cols: usize| Mat { ptr: w.as_ptr().cast_mut(), rs: cols as isize, cs: 1 };
         // SAFETY: `shapes` checked that w holds W1 (h x in) then W2 (out x h), x rows x in.
-        let hidden = unsafe { linear_rows(x, (rows, in_dim), mat(w1, in_dim), b1) };
+        let hidden = unsafe { linear_rows(x, (rows, in_dim), Mat::rows_in(w1, in_dim), b1) };
         let (a, slope) = gelu_epilogue(hidden, self.kept.is_some());
         // SAFETY: as above; `a` holds rows x h floats.
-        let y = unsafe { linear_rows(&a, (rows, h), mat(w2, h), b2) };
+        let y = unsafe { linear_rows(&a, (rows, h), Mat::rows_in(w2, h), b2) };
         if let (Some(slot), Some(slope)) = (&self.kept, slope) {
             let cpu = &candle_core::Device::Cpu;
             let kept = [Tensor::from_vec(a, (rows, h), cpu)?, Tensor::from_vec(slope, (rows, h), cpu)?];
@@ -1100,6 +1099,12 @@ impl Mat {
     /// A contiguous row-major matrix of `cols` columns over `data`.
     fn rows_of(data: &mut [f32], cols: usize) -> Mat {
         Mat { ptr: data.as_mut_ptr(), rs: cols as isize, cs: 1 }
+    }
+
+    /// A contiguous row-major matrix of `cols` columns over read-only `data` (an operand: gemm
+    /// never writes through it).
+    fn rows_in(data: &[f32], cols: usize) -> Mat {
+        Mat { ptr: data.as_ptr().cast_mut(), rs: cols as isize, cs: 1 }
     }
 
     /// The transposed view (the strides swap).

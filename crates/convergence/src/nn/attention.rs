@@ -179,8 +179,7 @@ impl QkvProjection {
     /// q/k norm (which acts on q and k apart); `None` otherwise.
     fn stacked_attention(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let layers = [&self.to_q, &self.to_k, &self.to_v];
-        let training = x.track_op() || layers.iter().any(|l| l.weight().track_op());
-        if !training || !crate::kernels::f32_cpu(x) || self.qk_norm.is_some() {
+        if !Linear::training(x, &layers) || !crate::kernels::f32_cpu(x) || self.qk_norm.is_some() {
             return Ok(None);
         }
         let stacked = Linear::stacked(&layers)?;

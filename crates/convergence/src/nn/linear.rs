@@ -35,6 +35,12 @@ impl Linear {
         Ok(Linear { weight: Tensor::cat(&weights, 0)?, bias })
     }
 
+    /// Whether a backward will run through these layers applied to x: x or a weight records its
+    /// ops. The fused training paths (stacked q/k/v, the one-op MLP) are taken only then.
+    pub fn training(x: &Tensor, layers: &[&Linear]) -> bool {
+        x.track_op() || layers.iter().any(|l| l.weight.track_op())
+    }
+
     /// Forward FLOPs over `rows` rows as torch's FlopCounterMode counts them (a multiply-add is 2,
     /// the bias is free).
     pub fn flops(&self, rows: usize) -> u64 {

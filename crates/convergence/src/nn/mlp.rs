@@ -44,11 +44,10 @@ impl FeedForward {
     /// parameters into one flat tensor would copy them on every call for nothing in return.
     fn fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let (lin, lout) = (&self.proj_in, &self.proj_out);
-        let training = x.track_op() || lin.weight().track_op() || lout.weight().track_op();
         let (Some(b1), Some(b2)) = (lin.bias(), lout.bias()) else {
             return Ok(None);
         };
-        if self.gated || !training || !crate::kernels::f32_cpu(x) {
+        if self.gated || !Linear::training(x, &[lin, lout]) || !crate::kernels::f32_cpu(x) {
             return Ok(None);
         }
         let w = Tensor::cat(&[lin.weight().flatten_all()?, lout.weight().flatten_all()?], 0)?;
