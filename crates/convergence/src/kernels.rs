@@ -118,6 +118,14 @@ fn max8(a: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
 }
 
+/// The most items of a parallel loop over `items` that one thread takes as a single piece: an
+/// eighth of its share. rayon's adaptive split leaves the calling thread a quarter of the items
+/// (with two threads) as one indivisible piece, and a thread that starts late, or is slowed, then
+/// makes the other wait for it at the end of every op.
+fn grain(items: usize) -> usize {
+    items.div_ceil(8 * rayon::current_num_threads()).max(1)
+}
+
 /// A new buffer of `n` floats whose rows (chunks of `row`) `f` writes, in parallel when large.
 /// The buffer is not zeroed on the calling thread first (a serial pass the size of every
 /// activation, ~2 % of a training step): each row is zeroed by the thread that then writes it,
@@ -130,7 +138,8 @@ where
     let work = |(i, o): (usize, &mut [MaybeUninit<f32>])| f(i, zeroed(o));
     let spare = &mut out.spare_capacity_mut()[..n];
     if n >= PAR_MIN {
-        spare.par_chunks_mut(row.max(1)).enumerate().for_each(work);
+        let grain = grain(n.div_ceil(row.max(1)));
+        spare.par_chunks_mut(row.max(1)).with_max_len(grain).enumerate().for_each(work);
     } else {
         spare.chunks_mut(row.max(1)).enumerate().for_each(work);
     }
@@ -510,7 +519,7 @@ where
     }
     let work = |(i, (t, r)): (usize, (&mut [f32], &mut Vec<&mut [f32]>))| f(i, t, r);
     if tokens.len() >= PAR_MIN {
-        tokens.par_chunks_mut(l * d).zip(rows.par_iter_mut()).enumerate().for_each(work);
+        tokens.par_chunks_mut(l * d).zip(rows.par_iter_mut()).with_max_len(1).enumerate().for_each(work);
     } else {
         tokens.chunks_mut(l * d).zip(rows.iter_mut()).enumerate().for_each(work);
     }
@@ -897,7 +906,7 @@ fn gelu_epilogue(mut y: Vec<f32>, keep_slope: bool) -> (Vec<f32>, Option<Vec<f32
     let n = y.len();
     let mut slope = Vec::with_capacity(n);
     let rows = y.par_chunks_mut(4096).zip(slope.spare_capacity_mut()[..n].par_chunks_mut(4096));
-    rows.for_each(|(y, s)| gelu_keeping_slope(y, zeroed(s)));
+    rows.with_max_len(grain(n.div_ceil(4096))).for_each(|(y, s)| gelu_keeping_slope(y, zeroed(s)));
     // SAFETY: the chunks cover all n elements, each initialised by `zeroed`.
     unsafe { slope.set_len(n) };
     (y, Some(slope))
@@ -1023,8 +1032,9 @@ impl CustomOp1 for ColumnSums {
         if g.len() < PAR_MIN || threads == 1 || d == 0 {
             return Ok((CpuStorage::F32(sums_of(g)), Shape::from(d)));
         }
-        // One block of rows per thread, then the threads' partial sums added.
-        let partial: Vec<Vec<f32>> = g.par_chunks(rows.div_ceil(threads) * d).map(sums_of).collect();
+        // Blocks of rows, then their partial sums added.
+        let block = rows.div_ceil(4 * threads) * d;
+        let partial: Vec<Vec<f32>> = g.par_chunks(block).with_max_len(1).map(sums_of).collect();
         let mut sums = vec![0f32; d];
         for p in &partial {
             sums.iter_mut().zip(p).for_each(|(s, v)| *s += v);
@@ -1173,15 +1183,16 @@ unsafe fn matmul(
         // Row blocks share b. Where gemm reads b in place (unit stride along k, as the W^T of a
         // linear layer, and at most 2048 rows a block) more blocks cost only a call each and
         // even out the threads when one is slowed; where it packs b, each block packs it again.
+        // Every block is a piece of its own for rayon (`with_max_len(1)`, see `grain`).
         let blocks = if b.rs == 1 && m <= 4 * threads * 2048 { 4 * threads } else { 2 * threads };
         let rows = m.div_ceil(blocks).next_multiple_of(8);
-        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
+        (0..m.div_ceil(rows)).into_par_iter().with_max_len(1).for_each(|i| {
             let r0 = i * rows;
             one((rows.min(m - r0), n), dst.at(r0, 0), a.at(r0, 0), b)
         });
     } else {
         let cols = n.div_ceil(2 * threads).next_multiple_of(16);
-        (0..n.div_ceil(cols)).into_par_iter().for_each(|j| {
+        (0..n.div_ceil(cols)).into_par_iter().with_max_len(1).for_each(|j| {
             let c0 = j * cols;
             one((m, cols.min(n - c0)), dst.at(0, c0), a, b.at(0, c0))
         });
@@ -1270,7 +1281,7 @@ impl CustomOp2 for BatchedMatmul {
         let threads = rayon::current_num_threads();
         if x.n >= threads && m * p * k >= 1 << 12 {
             // Enough matrices to keep every thread busy: one single-threaded product each.
-            (0..x.n).into_par_iter().for_each(|i| one(i, 1));
+            (0..x.n).into_par_iter().with_max_len(1).for_each(|i| one(i, 1));
         } else {
             (0..x.n).for_each(|i| one(i, threads));
         }
@@ -1432,7 +1443,7 @@ unsafe fn attend(q: Heads, k: Heads, v: Heads, scale: f32) -> Vec<f32> {
     let out = Heads { l: q.l, ..v }.packed(data.ptr(), false);
     let rows = query_tile(k.l);
     let tiles = q.l.div_ceil(rows);
-    (0..q.b * q.h * tiles).into_par_iter().for_each(|t| {
+    (0..q.b * q.h * tiles).into_par_iter().with_max_len(1).for_each(|t| {
         let (b, h, r0) = (t / tiles / q.h, t / tiles % q.h, t % tiles * rows);
         let n = rows.min(q.l - r0);
         let mut p = vec![0f32; n * k.l];
@@ -1458,7 +1469,7 @@ unsafe fn attend(q: Heads, k: Heads, v: Heads, scale: f32) -> Vec<f32> {
 /// their operands' shapes, in buffers no other thread touches.
 unsafe fn attend_grad(q: Heads, k: Heads, v: Heads, go: Heads, scale: f32, [dq, dk, dv]: [Heads; 3]) {
     let rows = query_tile(k.l);
-    (0..q.b * q.h).into_par_iter().for_each(|bh| {
+    (0..q.b * q.h).into_par_iter().with_max_len(1).for_each(|bh| {
         let (b, h) = (bh / q.h, bh % q.h);
         let (km, vm, dk, dv) = (k.head(b, h), v.head(b, h), dk.head(b, h), dv.head(b, h));
         let (mut p, mut ds) = (vec![0f32; rows * k.l], vec![0f32; rows * k.l]);
