@@ -918,9 +918,14 @@ fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, T
     let (in_dim, out) = (w.dim(1)?, w.dim(0)?);
     let (rows, x_dims) = (x.dims().iter().rev().skip(1).product::<usize>(), x.dims());
     let (x, g) = (x.contiguous()?.reshape((rows, in_dim))?, g.contiguous()?.reshape((rows, out))?);
-    let dx = g.apply_op2_no_bwd(&walkable(w)?, &BatchedMatmul)?;
-    let dw = walkable(&g.t()?)?.apply_op2_no_bwd(&x, &BatchedMatmul)?;
-    let db = g.apply_op1_no_bwd(&ColumnSums)?;
+    let (w, gt) = (walkable(w)?, walkable(&g.t()?)?);
+    // The three side by side on the threads, which then meet once at the end rather than after
+    // each (the last block of a product keeps one thread while the other waits).
+    let (dx, (dw, db)) = rayon::join(
+        || g.apply_op2_no_bwd(&w, &BatchedMatmul),
+        || rayon::join(|| gt.apply_op2_no_bwd(&x, &BatchedMatmul), || g.apply_op1_no_bwd(&ColumnSums)),
+    );
+    let (dx, dw, db) = (dx?, dw?, db?);
     Ok((dx.reshape(x_dims)?, dw, db))
 }
 
