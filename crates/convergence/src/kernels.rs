@@ -1933,15 +1933,18 @@ mod tests {
             let d = grad_diff(&ga, &gb, v.as_tensor());
             assert!(d < 1e-4, "input {k}: gradients differ by {d}");
         }
-        // The gradient at the second input's first element, by central differences.
-        let loss = |h: f32| -> Result<f32> {
+        // The gradient at the second input's first element, by central differences. The loss is
+        // summed in f64: an f32 sum of a few thousand terms rounds by more than the difference
+        // resolves (the MLP's check failed 3 times in 30 that way).
+        let w64 = w.to_dtype(DType::F64)?;
+        let loss = |h: f32| -> Result<f64> {
             let mut bumped = inputs.clone();
             let mut v = bumped[1].flatten_all()?.to_vec1::<f32>()?;
             v[0] += h;
             bumped[1] = Tensor::from_vec(v, inputs[1].dims(), &dev)?;
-            (fused(&bumped)? * &w)?.sum_all()?.to_scalar::<f32>()
+            (fused(&bumped)?.to_dtype(DType::F64)? * &w64)?.sum_all()?.to_scalar::<f64>()
         };
-        let fd = (loss(1e-2)? - loss(-1e-2)?) / 2e-2;
+        let fd = ((loss(1e-2)? - loss(-1e-2)?) / 2e-2) as f32;
         let an = ga.get(vars[1].as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?[0];
         assert!((fd - an).abs() < 1e-2 * an.abs().max(1.0), "finite difference {fd} vs {an}");
         Ok(())
