@@ -1020,6 +1020,252 @@ pub fn mlp_gelu(x: &Tensor, w: &Tensor, b: &Tensor, hidden: usize) -> Result<Opt
     x.contiguous()?.apply_op3(&w, &b, Mlp { hidden, kept }).map(Some)
 }
 
+/// A DiT block (adaLN-Zero) as one op while training: modulated LayerNorm, self-attention,
+/// gated residual; modulated LayerNorm, MLP (GELU-tanh), gated residual. Over x [B, L, D], the
+/// block's modulation m [B, 6 D] (shift, scale and gate of each branch, diffusers' chunk order)
+/// and its parameters flat, [Wq | Wk | Wv | bq | bk | bv | Wo | bo | W1 | b1 | W2 | b2] (candle's
+/// custom ops take three inputs). No activation inside is a graph node, whose gradient candle
+/// would zero and add on the calling thread while the other threads wait (seven 6 MB tensors
+/// per DiT-S/2 block at batch 16): the backward is one stretch of parallel kernels.
+struct DitBlock {
+    heads: usize,
+    hidden: usize,
+    /// The two LayerNorms' eps (diffusers gives the second the config's `norm_eps`).
+    eps: [f32; 2],
+    kept: OnceLock<BlockKept>,
+}
+
+/// What the block's backward reads, kept by its forward: the first norm's output h1, q k v side
+/// by side, the attention's output a and its projection o, the residual stream between the
+/// branches x2, the second norm's output h2, the GELU's output and slope, and the MLP's output f.
+struct BlockKept {
+    h1: Tensor,
+    qkv: Tensor,
+    a: Tensor,
+    o: Tensor,
+    x2: Tensor,
+    h2: Tensor,
+    gelu: Tensor,
+    slope: Tensor,
+    f: Tensor,
+}
+
+impl DitBlock {
+    /// (offset, shape) of each parameter inside the flat vector for width `d`, checked against
+    /// its length: Wqkv [3D, D], bqkv, Wo [D, D], bo, W1 [H, D], b1, W2 [D, H], b2.
+    fn params(&self, d: usize, flat: usize) -> Result<[(usize, Vec<usize>); 8]> {
+        let h = self.hidden;
+        let shapes =
+            [vec![3 * d, d], vec![3 * d], vec![d, d], vec![d], vec![h, d], vec![h], vec![d, h], vec![d]];
+        let mut offset = 0;
+        let parts = shapes.map(|s| {
+            let at = offset;
+            offset += s.iter().product::<usize>();
+            (at, s)
+        });
+        if offset != flat {
+            candle_core::bail!(
+                "dit-block: {flat} flat parameters for width {d} and hidden width {h}, expected {offset}"
+            );
+        }
+        Ok(parts)
+    }
+
+    /// (B, L, D) of x, checked against m [B, 6 D].
+    fn dims(x: &Layout, m: &Layout) -> Result<(usize, usize, usize)> {
+        let (b, l, d) = x.shape().dims3()?;
+        if m.dims() != [b, 6 * d] {
+            candle_core::bail!(
+                "dit-block: x {:?} with modulation {:?}, expected [{b}, {}]",
+                x.dims(),
+                m.dims(),
+                6 * d
+            );
+        }
+        Ok((b, l, d))
+    }
+}
+
+impl CustomOp3 for DitBlock {
+    fn name(&self) -> &'static str {
+        "dit-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [x, m, p] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
+        let (b, l, d) = Self::dims(l1, l2)?;
+        let (rows, h) = (b * l, self.hidden);
+        let [wqkv, bqkv, wo, bo, w1, b1, w2, b2] =
+            self.params(d, p.len())?.map(|(at, s)| &p[at..][..s.iter().product()]);
+        // Chunk k of a row's modulation starts at k d.
+        let chunk = |i: usize, k: usize| &m[i / l * 6 * d + k * d..];
+        let norm = |x: &[f32], k: usize, eps: f32| {
+            par_rows(rows * d, d, |i, o| {
+                modulate_row(&x[i * d..], chunk(i, k), chunk(i, k + 1), o, Some(eps))
+            })
+        };
+        let gated = |x: &[f32], k: usize, y: &[f32]| {
+            par_rows(rows * d, d, |i, o| gated_row(&x[i * d..], chunk(i, k), &y[i * d..], o))
+        };
+        let h1 = norm(x, 0, self.eps[0]);
+        // SAFETY (the products): the slices hold the shapes `params` checked, x rows x D floats.
+        let qkv = unsafe { linear_rows(&h1, (rows, d), Mat::rows_in(wqkv, d), bqkv) };
+        let ([q, k, v], scale) = self_attention_heads(&Layout::contiguous((b, l, 3 * d)), self.heads)?;
+        // SAFETY: the heads describe `qkv`, whose contiguous layout they came from.
+        let a = unsafe { attend(q.on(&qkv), k.on(&qkv), v.on(&qkv), scale) };
+        let o = unsafe { linear_rows(&a, (rows, d), Mat::rows_in(wo, d), bo) };
+        let x2 = gated(x, 2, &o);
+        let h2 = norm(&x2, 3, self.eps[1]);
+        let (gelu, slope) =
+            gelu_epilogue(unsafe { linear_rows(&h2, (rows, d), Mat::rows_in(w1, d), b1) }, true);
+        let f = unsafe { linear_rows(&gelu, (rows, h), Mat::rows_in(w2, h), b2) };
+        let out = gated(&x2, 5, &f);
+        let cpu = &candle_core::Device::Cpu;
+        let t = |v: Vec<f32>, width: usize| Tensor::from_vec(v, (b, l, width), cpu);
+        let slope = slope.ok_or_else(|| candle_core::Error::Msg("dit-block: no GELU slope kept".into()))?;
+        let kept = BlockKept {
+            h1: t(h1, d)?,
+            qkv: t(qkv, 3 * d)?,
+            a: t(a, d)?,
+            o: t(o, d)?,
+            x2: t(x2, d)?,
+            h2: t(h2, d)?,
+            gelu: t(gelu, h)?,
+            slope: t(slope, h)?,
+            f: t(f, d)?,
+        };
+        self.kept.set(kept).map_err(|_| candle_core::Error::Msg("dit-block: one op run twice".into()))?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// Back through the block in reverse: each branch's gated residual, linears (and attention)
+    /// and modulated norm; the residual stream's gradient joins where each branch left it.
+    fn bwd(&self, x: &Tensor, m: &Tensor, p: &Tensor, _: &Tensor, g: &Tensor) -> Grads3 {
+        let Some(k) = self.kept.get() else {
+            candle_core::bail!("dit-block: backward without what the forward kept for it");
+        };
+        let (b, l, d) = Self::dims(x.layout(), m.layout())?;
+        let parts = self.params(d, p.elem_count())?;
+        let param =
+            |i: usize| p.narrow(0, parts[i].0, parts[i].1.iter().product())?.reshape(parts[i].1.as_slice());
+        let (g, m) = (g.contiguous()?, m.contiguous()?);
+        let [e1, e2] = self.eps;
+        let shape = (b, l, d);
+        // dm's row per sample: [dshift1 | dscale1 | dgate1 | dshift2 | dscale2 | dgate2].
+        let mut dm = vec![0f32; b * 6 * d];
+        // The MLP branch, x3 = x2 + gate2 f.
+        let df = on_samples([&m, &k.f, &g], shape, &mut dm, |i, [m, f, g], df, dm| {
+            let n = df.len();
+            gated_grad_sample(
+                &m[i * 6 * d + 5 * d..][..d],
+                &f[i * n..][..n],
+                &g[i * n..][..n],
+                df,
+                &mut dm[5 * d..],
+            );
+        })?;
+        let (dgelu, dw2, db2) = linear_grads(&k.gelu, &param(6)?, &df)?;
+        let (dh2, dw1, db1) = linear_grads(&k.h2, &param(4)?, &k.slope.apply_op2_no_bwd(&dgelu, &Product)?)?;
+        // x2 reaches x3 along the residual and through the second norm.
+        let dx2 = on_samples([&m, &k.x2, &dh2, &g], shape, &mut dm, |i, [m, x2, dh2, g], dx2, dm| {
+            let n = dx2.len();
+            let (dshift, dscale) = dm[3 * d..].split_at_mut(d);
+            let (x2, dh2) = (&x2[i * n..][..n], &dh2[i * n..][..n]);
+            modulate_grad_sample(x2, dh2, &m[i * 6 * d + 4 * d..][..d], dx2, dshift, dscale, Some(e2));
+            dx2.iter_mut().zip(&g[i * n..][..n]).for_each(|(a, g)| *a += g);
+        })?;
+        // The attention branch, x2 = x + gate1 o.
+        let dout = on_samples([&m, &k.o, &dx2], shape, &mut dm, |i, [m, o, dx2], dout, dm| {
+            let n = dout.len();
+            gated_grad_sample(
+                &m[i * 6 * d + 2 * d..][..d],
+                &o[i * n..][..n],
+                &dx2[i * n..][..n],
+                dout,
+                &mut dm[2 * d..],
+            );
+        })?;
+        let (da, dwo, dbo) = linear_grads(&k.a, &param(2)?, &dout)?;
+        let dqkv = k.qkv.apply_op2_no_bwd(&da.contiguous()?, &SelfAttentionGrad { heads: self.heads })?;
+        let (dh1, dwqkv, dbqkv) = linear_grads(&k.h1, &param(0)?, &dqkv)?;
+        // x reaches x2 along the residual and through the first norm.
+        let dx = on_samples([&m, x, &dh1, &dx2], shape, &mut dm, |i, [m, x, dh1, dx2], dx, dm| {
+            let n = dx.len();
+            let (dshift, dscale) = dm.split_at_mut(d);
+            let (x, dh1) = (&x[i * n..][..n], &dh1[i * n..][..n]);
+            modulate_grad_sample(x, dh1, &m[i * 6 * d + d..][..d], dx, dshift, dscale, Some(e1));
+            dx.iter_mut().zip(&dx2[i * n..][..n]).for_each(|(a, g)| *a += g);
+        })?;
+        let grads = [dwqkv, dbqkv, dwo, dbo, dw1, db1, dw2, db2].map(|t| t.flatten_all());
+        let dp = Tensor::cat(&grads.into_iter().collect::<Result<Vec<_>>>()?, 0)?;
+        let dm = Tensor::from_vec(dm, (b, 6 * d), x.device())?;
+        Ok((Some(dx), Some(dm), Some(dp)))
+    }
+}
+
+/// For each sample i in parallel, `f(i, inputs, out_i, dm_i)`: the inputs as contiguous f32
+/// slices (whole), out_i the sample's [L, D] rows of a new [B, L, D] tensor, which this returns,
+/// and dm_i its row of the [B, 6 D] modulation gradient.
+fn on_samples<const N: usize, F>(
+    inputs: [&Tensor; N],
+    (b, l, d): (usize, usize, usize),
+    dm: &mut [f32],
+    f: F,
+) -> Result<Tensor>
+where
+    F: Fn(usize, [&[f32]; N], &mut [f32], &mut [f32]) + Sync,
+{
+    let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+    let slices: Vec<&[f32]> = guards
+        .iter()
+        .map(|(s, l)| {
+            cpu_f32(s, "dit-block").and_then(|v| {
+                let Some((a, z)) = l.contiguous_offsets() else {
+                    candle_core::bail!("dit-block: a non-contiguous input");
+                };
+                Ok(&v[a..z])
+            })
+        })
+        .collect::<Result<_>>()?;
+    let slices: [&[f32]; N] =
+        slices.try_into().map_err(|_| candle_core::Error::Msg("dit-block: inputs".into()))?;
+    let mut out = vec![0f32; b * l * d];
+    let samples = out.par_chunks_mut(l * d).zip(dm.par_chunks_mut(6 * d)).with_max_len(1);
+    samples.enumerate().for_each(|(i, (o, r))| f(i, slices, o, r));
+    Tensor::from_vec(out, (b, l, d), &candle_core::Device::Cpu)
+}
+
+/// A DiT block over x [B, L, D] with modulation m [B, 6 D] as one op while training on the CPU in
+/// f32 (see [`DitBlock`]); `None` elsewhere, and when nothing tracks gradients (the op keeps its
+/// activations for the backward). `attention` = [Wq, Wk, Wv, bq, bk, bv, Wo, bo] (self-attention
+/// of `heads` heads, width D), `mlp` = [W1, b1, W2, b2]; `eps` the two LayerNorms'.
+pub fn dit_block(
+    x: &Tensor,
+    m: &Tensor,
+    attention: [&Tensor; 8],
+    mlp: [&Tensor; 4],
+    heads: usize,
+    eps: [f64; 2],
+) -> Result<Option<Tensor>> {
+    let params: Vec<&Tensor> = attention.into_iter().chain(mlp).collect();
+    let all = || [x, m].into_iter().chain(params.iter().copied());
+    if !all().all(f32_cpu) || !all().any(|t| t.track_op()) || x.rank() != 3 {
+        return Ok(None);
+    }
+    let hidden = mlp[0].dim(0)?;
+    let flat = Tensor::cat(&params.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
+    let op = DitBlock { heads, hidden, eps: eps.map(|e| e as f32), kept: OnceLock::new() };
+    x.contiguous()?.apply_op3(&m.contiguous()?, &flat, op).map(Some)
+}
+
 impl CustomOp1 for ColumnSums {
     fn name(&self) -> &'static str {
         "column-sums"

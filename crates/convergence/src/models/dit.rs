@@ -237,7 +237,27 @@ impl DiTBlock {
     }
 
     fn forward(&self, x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
-        let m = chunks(&self.norm1.linear.forward(&c.silu()?)?, 6)?;
+        let m = self.norm1.linear.forward(&c.silu()?)?;
+        match self.fused(x, &m)? {
+            Some(y) => Ok(y),
+            None => self.composed(x, &m),
+        }
+    }
+
+    /// The whole block as one op while training on the CPU (`kernels::dit_block`): none of its
+    /// activations is then a graph node. Not with the LayerNorm affine of `norm_elementwise_affine`.
+    fn fused(&self, x: &Tensor, m: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (Some((attention, heads)), Some(mlp), None) =
+            (self.attn1.self_attention_params(), self.ff.gelu_params(), &self.norm2_affine)
+        else {
+            return Ok(None);
+        };
+        crate::kernels::dit_block(x, m, attention, mlp, heads, [1e-6, self.norm2_eps])
+    }
+
+    /// The block from its parts, `m` = Linear(SiLU(c)) in six chunks.
+    fn composed(&self, x: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
+        let m = chunks(m, 6)?;
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
         let h = modulated_norm(x, shift_msa, scale_msa, 1e-6)?;
@@ -378,4 +398,55 @@ pub fn official_param_count(cfg: &DiTConfig) -> Result<u64> {
     let grid = cfg.sample_size / cfg.patch_size;
     let pos_embed = (grid * grid * cfg.hidden()) as u64;
     Ok(official.values().map(|s| s.iter().product::<usize>() as u64).sum::<u64>() + pos_embed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// The block as one op (taken while training) against the block from its parts: the same
+    /// output, the same gradients for x, c and every parameter, and a central difference on x.
+    #[test]
+    fn block_as_one_op_matches_its_parts_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        // A large MLP-norm eps, so that mixing up the two norms' eps would show.
+        let cfg =
+            DiTConfig { num_attention_heads: 2, attention_head_dim: 8, norm_eps: 0.1, ..Default::default() };
+        // Default (Kaiming) initialisation: adaLN-Zero's zero modulation would hide the branches.
+        let varmap = candle_nn::VarMap::new();
+        let vb = crate::weights::init::seeded_var_builder(&varmap, 7, DType::F32, &dev);
+        let block = DiTBlock::new(vb, &cfg, Numerics::Diffusers, Init::Default)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 5, 16), &dev)?)?;
+        let c = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 16), &dev)?)?;
+        let m = |c: &Tensor| block.norm1.linear.forward(&c.silu()?);
+        let fused = block.fused(x.as_tensor(), &m(c.as_tensor())?)?.expect("the fused block while training");
+        let composed = block.composed(x.as_tensor(), &m(c.as_tensor())?)?;
+        let w = Tensor::randn(0f32, 1., fused.dims(), &dev)?;
+        let diff = (&fused - &composed)?.abs()?.flatten_all()?.max(D::Minus1)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "outputs differ by {diff}");
+        let (ga, gb) = ((&fused * &w)?.sum_all()?.backward()?, (&composed * &w)?.sum_all()?.backward()?);
+        // The attention's 8 parameters, the MLP's 4 and the adaLN linear's 2 (the embedders of
+        // norm1 make c, given here).
+        let vars: Vec<Var> =
+            varmap.all_vars().into_iter().filter(|v| gb.get(v.as_tensor()).is_some()).collect();
+        assert_eq!(vars.len(), 8 + 4 + 2);
+        for v in vars.iter().chain([&x, &c]) {
+            let (a, b) =
+                (ga.get(v.as_tensor()).expect("fused gradient"), gb.get(v.as_tensor()).expect("gradient"));
+            let d = (a - b)?.abs()?.flatten_all()?.max(D::Minus1)?.to_scalar::<f32>()?;
+            assert!(d < 1e-4, "gradients of a {:?} parameter differ by {d}", v.dims());
+        }
+        let loss = |h: f32| -> Result<f64> {
+            let mut data = x.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            data[17] += h;
+            let x = Tensor::from_vec(data, x.dims(), &dev)?;
+            let y = block.forward(&x, c.as_tensor())?.to_dtype(DType::F64)?;
+            Ok((y * w.to_dtype(DType::F64)?)?.sum_all()?.to_scalar::<f64>()?)
+        };
+        let fd = ((loss(1e-2)? - loss(-1e-2)?) / 2e-2) as f32;
+        let an = ga.get(x.as_tensor()).expect("dx").flatten_all()?.to_vec1::<f32>()?[17];
+        assert!((fd - an).abs() < 1e-2 * an.abs().max(1.0), "finite difference {fd} vs {an}");
+        Ok(())
+    }
 }

@@ -242,6 +242,18 @@ impl Attention {
         })
     }
 
+    /// The parameters of a plain biased self-attention, [Wq, Wk, Wv, bq, bk, bv, Wo, bo] (what
+    /// `kernels::dit_block` takes), and its head count; `None` with q/k norm or without biases.
+    pub fn self_attention_params(&self) -> Option<([&Tensor; 8], usize)> {
+        let p = &self.qkv;
+        if p.qk_norm.is_some() {
+            return None;
+        }
+        let [wq, wk, wv] = [&p.to_q, &p.to_k, &p.to_v].map(Linear::weight);
+        let ([bq, bk, bv], bo) = ([&p.to_q, &p.to_k, &p.to_v].map(Linear::bias), self.to_out.bias());
+        Some(([wq, wk, wv, bq?, bk?, bv?, self.to_out.weight(), bo?], p.heads))
+    }
+
     /// Self-attention over x [B, L, D]; `probs` receives the attention probabilities when given.
     pub fn forward(&self, x: &Tensor, probs: Option<&mut Option<Tensor>>) -> Result<Tensor> {
         if probs.is_none() {

@@ -39,6 +39,16 @@ impl FeedForward {
 }
 
 impl FeedForward {
+    /// [W1, b1, W2, b2] of a GELU-tanh MLP with biases (what `kernels::dit_block` takes); `None`
+    /// for GEGLU or without biases.
+    pub fn gelu_params(&self) -> Option<[&Tensor; 4]> {
+        let (lin, lout) = (&self.proj_in, &self.proj_out);
+        if self.gated {
+            return None;
+        }
+        Some([lin.weight(), lin.bias()?, lout.weight(), lout.bias()?])
+    }
+
     /// Both linears and the GELU as one op, while training on the CPU in f32: the hidden layer is
     /// then no graph node (see `kernels::mlp_gelu`). Not for inference, where gathering the
     /// parameters into one flat tensor would copy them on every call for nothing in return.
