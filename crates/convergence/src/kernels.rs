@@ -1162,47 +1162,29 @@ impl CustomOp3 for DitBlock {
         // dm's row per sample: [dshift1 | dscale1 | dgate1 | dshift2 | dscale2 | dgate2].
         let mut dm = vec![0f32; b * 6 * d];
         // The MLP branch, x3 = x2 + gate2 f.
-        let df = on_samples([&m, &k.f, &g], shape, &mut dm, |i, [m, f, g], df, dm| {
-            let n = df.len();
-            gated_grad_sample(
-                &m[i * 6 * d + 5 * d..][..d],
-                &f[i * n..][..n],
-                &g[i * n..][..n],
-                df,
-                &mut dm[5 * d..],
-            );
+        let df = on_samples(&m, [&k.f, &g], shape, &mut dm, |m, [f, g], df, dm| {
+            gated_grad_sample(&m[5 * d..][..d], f, g, df, &mut dm[5 * d..]);
         })?;
         let (dgelu, dw2, db2) = linear_grads(&k.gelu, &param(6)?, &df)?;
         let (dh2, dw1, db1) = linear_grads(&k.h2, &param(4)?, &k.slope.apply_op2_no_bwd(&dgelu, &Product)?)?;
         // x2 reaches x3 along the residual and through the second norm.
-        let dx2 = on_samples([&m, &k.x2, &dh2, &g], shape, &mut dm, |i, [m, x2, dh2, g], dx2, dm| {
-            let n = dx2.len();
+        let dx2 = on_samples(&m, [&k.x2, &dh2, &g], shape, &mut dm, |m, [x2, dh2, g], dx2, dm| {
             let (dshift, dscale) = dm[3 * d..].split_at_mut(d);
-            let (x2, dh2) = (&x2[i * n..][..n], &dh2[i * n..][..n]);
-            modulate_grad_sample(x2, dh2, &m[i * 6 * d + 4 * d..][..d], dx2, dshift, dscale, Some(e2));
-            dx2.iter_mut().zip(&g[i * n..][..n]).for_each(|(a, g)| *a += g);
+            modulate_grad_sample(x2, dh2, &m[4 * d..][..d], dx2, dshift, dscale, Some(e2));
+            dx2.iter_mut().zip(g).for_each(|(a, g)| *a += g);
         })?;
         // The attention branch, x2 = x + gate1 o.
-        let dout = on_samples([&m, &k.o, &dx2], shape, &mut dm, |i, [m, o, dx2], dout, dm| {
-            let n = dout.len();
-            gated_grad_sample(
-                &m[i * 6 * d + 2 * d..][..d],
-                &o[i * n..][..n],
-                &dx2[i * n..][..n],
-                dout,
-                &mut dm[2 * d..],
-            );
+        let dout = on_samples(&m, [&k.o, &dx2], shape, &mut dm, |m, [o, dx2], dout, dm| {
+            gated_grad_sample(&m[2 * d..][..d], o, dx2, dout, &mut dm[2 * d..]);
         })?;
         let (da, dwo, dbo) = linear_grads(&k.a, &param(2)?, &dout)?;
-        let dqkv = k.qkv.apply_op2_no_bwd(&da.contiguous()?, &SelfAttentionGrad { heads: self.heads })?;
+        let dqkv = k.qkv.apply_op2_no_bwd(&da, &SelfAttentionGrad { heads: self.heads })?;
         let (dh1, dwqkv, dbqkv) = linear_grads(&k.h1, &param(0)?, &dqkv)?;
         // x reaches x2 along the residual and through the first norm.
-        let dx = on_samples([&m, x, &dh1, &dx2], shape, &mut dm, |i, [m, x, dh1, dx2], dx, dm| {
-            let n = dx.len();
+        let dx = on_samples(&m, [x, &dh1, &dx2], shape, &mut dm, |m, [x, dh1, dx2], dx, dm| {
             let (dshift, dscale) = dm.split_at_mut(d);
-            let (x, dh1) = (&x[i * n..][..n], &dh1[i * n..][..n]);
-            modulate_grad_sample(x, dh1, &m[i * 6 * d + d..][..d], dx, dshift, dscale, Some(e1));
-            dx.iter_mut().zip(&dx2[i * n..][..n]).for_each(|(a, g)| *a += g);
+            modulate_grad_sample(x, dh1, &m[d..][..d], dx, dshift, dscale, Some(e1));
+            dx.iter_mut().zip(dx2).for_each(|(a, g)| *a += g);
         })?;
         let grads = [dwqkv, dbqkv, dwo, dbo, dw1, db1, dw2, db2].map(|t| t.flatten_all());
         let dp = Tensor::cat(&grads.into_iter().collect::<Result<Vec<_>>>()?, 0)?;
@@ -1211,35 +1193,34 @@ impl CustomOp3 for DitBlock {
     }
 }
 
-/// For each sample i in parallel, `f(i, inputs, out_i, dm_i)`: the inputs as contiguous f32
-/// slices (whole), out_i the sample's [L, D] rows of a new [B, L, D] tensor, which this returns,
-/// and dm_i its row of the [B, 6 D] modulation gradient.
+/// For each sample in parallel, `f(m_i, inputs_i, out_i, dm_i)`: its [6 D] row of the modulation
+/// m, its [L, D] slice of each [B, L, D] input, its rows of a new [B, L, D] tensor (which this
+/// returns) and its row of the [B, 6 D] modulation gradient.
 fn on_samples<const N: usize, F>(
+    m: &Tensor,
     inputs: [&Tensor; N],
     (b, l, d): (usize, usize, usize),
     dm: &mut [f32],
     f: F,
 ) -> Result<Tensor>
 where
-    F: Fn(usize, [&[f32]; N], &mut [f32], &mut [f32]) + Sync,
+    F: Fn(&[f32], [&[f32]; N], &mut [f32], &mut [f32]) + Sync,
 {
-    let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+    let guards: Vec<_> = std::iter::once(m).chain(inputs).map(|t| t.storage_and_layout()).collect();
     let slices: Vec<&[f32]> = guards
         .iter()
-        .map(|(s, l)| {
-            cpu_f32(s, "dit-block").and_then(|v| {
-                let Some((a, z)) = l.contiguous_offsets() else {
-                    candle_core::bail!("dit-block: a non-contiguous input");
-                };
-                Ok(&v[a..z])
-            })
+        .map(|(s, l)| match &**s {
+            candle_core::Storage::Cpu(c) => contiguous_f32(c, l, "dit-block"),
+            _ => candle_core::bail!("dit-block: an input is not on the CPU"),
         })
         .collect::<Result<_>>()?;
-    let slices: [&[f32]; N] =
-        slices.try_into().map_err(|_| candle_core::Error::Msg("dit-block: inputs".into()))?;
+    let (m, inputs) = slices.split_first().expect("m comes first");
     let mut out = vec![0f32; b * l * d];
     let samples = out.par_chunks_mut(l * d).zip(dm.par_chunks_mut(6 * d)).with_max_len(1);
-    samples.enumerate().for_each(|(i, (o, r))| f(i, slices, o, r));
+    samples.enumerate().for_each(|(i, (o, r))| {
+        let own: [&[f32]; N] = std::array::from_fn(|k| &inputs[k][i * l * d..][..l * d]);
+        f(&m[i * 6 * d..][..6 * d], own, o, r)
+    });
     Tensor::from_vec(out, (b, l, d), &candle_core::Device::Cpu)
 }
 

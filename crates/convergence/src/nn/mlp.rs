@@ -53,16 +53,15 @@ impl FeedForward {
     /// then no graph node (see `kernels::mlp_gelu`). Not for inference, where gathering the
     /// parameters into one flat tensor would copy them on every call for nothing in return.
     fn fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let (lin, lout) = (&self.proj_in, &self.proj_out);
-        let (Some(b1), Some(b2)) = (lin.bias(), lout.bias()) else {
+        let Some([w1, b1, w2, b2]) = self.gelu_params() else {
             return Ok(None);
         };
-        if self.gated || !Linear::training(x, &[lin, lout]) || !crate::kernels::f32_cpu(x) {
+        if !Linear::training(x, &[&self.proj_in, &self.proj_out]) || !crate::kernels::f32_cpu(x) {
             return Ok(None);
         }
-        let w = Tensor::cat(&[lin.weight().flatten_all()?, lout.weight().flatten_all()?], 0)?;
+        let w = Tensor::cat(&[w1.flatten_all()?, w2.flatten_all()?], 0)?;
         let b = Tensor::cat(&[b1, b2], 0)?;
-        crate::kernels::mlp_gelu(x, &w, &b, lin.weight().dim(0)?)
+        crate::kernels::mlp_gelu(x, &w, &b, w1.dim(0)?)
     }
 }
 
